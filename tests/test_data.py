@@ -1,0 +1,552 @@
+"""Tests for deblur_lib.data: decoding, pairing layouts, every DatasetError, aligned
+crops/augmentation, seeded loaders, the synthetic dataset and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from deblur_lib.data import (
+    DatasetError,
+    PairedImageFolder,
+    load_image,
+    main,
+    make_loader,
+    random_shake_kernel,
+    synthesize,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save(path: Path, arr: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kwargs)
+    return path
+
+
+def _pair(root: Path, name: str, blur: np.ndarray, sharp: np.ndarray | None = None) -> None:
+    _save(root / "blur" / name, blur)
+    _save(root / "sharp" / name, blur if sharp is None else sharp)
+
+
+def _png16(path: Path, arr: np.ndarray) -> Path:
+    """A 16-bit PNG (gray, gray+alpha, RGB or RGBA by channel count), written by hand."""
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- load_image ---------------------------------------------------------------------------
+
+
+def test_load_image_rgb8_exact(tmp_path: Path) -> None:
+    a = _rgb(5, 7)
+    out = load_image(_save(tmp_path / "x.png", a))
+    assert out.dtype == np.float32 and out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out, a.astype(np.float32) / 255)
+
+
+def test_load_image_jpeg(tmp_path: Path) -> None:
+    a = np.full((16, 16, 3), (200, 100, 50), np.uint8)
+    out = load_image(_save(tmp_path / "x.jpg", a, quality=95))
+    assert out.shape == (16, 16, 3)
+    np.testing.assert_allclose(out, a / 255, atol=4 / 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "1", "RGBA", "P", "P-transparency"])
+def test_load_image_modes_become_rgb(tmp_path: Path, mode: str) -> None:
+    gray = np.random.default_rng(1).integers(0, 256, (6, 9), dtype=np.uint8)
+    rgb = _rgb(6, 9, 2)
+    if mode == "L":
+        img, want = Image.fromarray(gray), np.stack([gray] * 3, -1)
+    elif mode == "LA":
+        img = Image.fromarray(np.stack([gray, 255 - gray], -1), "LA")
+        want = np.stack([gray] * 3, -1)
+    elif mode == "1":
+        img = Image.fromarray(gray > 127)
+        want = np.stack([np.where(gray > 127, 255, 0)] * 3, -1)
+    elif mode == "RGBA":
+        img, want = Image.fromarray(np.dstack([rgb, gray]), "RGBA"), rgb  # alpha is dropped
+    else:
+        palette = _rgb(1, 256, 3).reshape(-1)
+        img = Image.fromarray(gray, "L").convert("P")
+        img.putpalette(palette.tolist())
+        if mode == "P-transparency":
+            img.info["transparency"] = 0
+        want = palette.reshape(256, 3)[gray]
+    path = tmp_path / "x.png"
+    img.save(path)
+    out = load_image(path)
+    assert out.shape == (6, 9, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, want.astype(np.float32) / 255)
+
+
+def test_load_image_gray16_keeps_16_bits(tmp_path: Path) -> None:
+    g = np.random.default_rng(0).integers(0, 65536, (5, 6), dtype=np.uint16)
+    Image.fromarray(g).save(tmp_path / "g.png")
+    out = load_image(tmp_path / "g.png")
+    np.testing.assert_allclose(out, np.stack([g] * 3, -1) / 65535, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_load_image_color16_to_8bit_precision(tmp_path: Path, channels: int) -> None:
+    a = np.random.default_rng(0).integers(0, 65536, (5, 6, channels), dtype=np.uint16)
+    out = load_image(_png16(tmp_path / "c.png", a))
+    color = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, -1)
+    assert out.shape == (5, 6, 3)
+    np.testing.assert_allclose(out, color / 65535, atol=1 / 255)
+
+
+# --- layouts --------------------------------------------------------------------------------
+
+
+def test_flat_layout_with_subfolders(tmp_path: Path) -> None:
+    _pair(tmp_path, "b/2.png", _rgb(8, 8, 1))
+    _pair(tmp_path, "a/1.png", _rgb(8, 8, 2))
+    _pair(tmp_path, "0.jpg", _rgb(8, 8, 3))
+    _save(tmp_path / "blur" / ".hidden.png", _rgb(8, 8))  # dotfiles are ignored
+    (tmp_path / "sharp" / "notes.txt").write_text("ignored")
+    ds = PairedImageFolder(tmp_path)
+    assert ds.names == ["0.jpg", "a/1.png", "b/2.png"]
+    assert len(ds) == 3 and ds.root == tmp_path
+    assert ds.pairs[1] == (tmp_path / "blur/a/1.png", tmp_path / "sharp/a/1.png")
+    blur, sharp = ds[1]
+    assert blur.shape == (3, 8, 8) and blur.dtype == torch.float32
+    want = torch.from_numpy(_rgb(8, 8, 2)).permute(2, 0, 1).float() / 255 * 2 - 1
+    torch.testing.assert_close(blur, want)
+    torch.testing.assert_close(sharp, want)
+    assert ds.validate(full=True) == 3
+
+
+def test_gopro_layout(tmp_path: Path) -> None:
+    for seq in ("GOPR0002", "GOPR0001"):
+        for i in range(2):
+            _pair(tmp_path / seq, f"{i:06d}.png", _rgb(6, 10, i), _rgb(6, 10, 9))
+    (tmp_path / "GOPR0001" / "blur_gamma").mkdir()  # GoPro's extra folders are ignored
+    ds = PairedImageFolder(tmp_path)
+    assert ds.names == [
+        "GOPR0001/000000.png",
+        "GOPR0001/000001.png",
+        "GOPR0002/000000.png",
+        "GOPR0002/000001.png",
+    ]
+    assert ds.pairs[3] == (
+        tmp_path / "GOPR0002/blur/000001.png",
+        tmp_path / "GOPR0002/sharp/000001.png",
+    )
+    blur, sharp = ds[0]
+    assert blur.shape == sharp.shape == (3, 6, 10)
+    assert blur.min() >= -1 and blur.max() <= 1
+    assert ds.validate() == 4
+
+
+# --- DatasetError: every case names the file and shows the layout ---------------------------
+
+
+def _layout_error(root: Path, case: str) -> str:
+    """Build a broken dataset under root; return the file name the error must mention."""
+    if case == "missing_root":
+        return str(root / "nope")
+    if case == "no_folders":
+        (root / "images").mkdir()
+        return str(root)
+    if case in ("missing_sharp", "missing_blur"):
+        side = case.split("_")[1]
+        other = "blur" if side == "sharp" else "sharp"
+        _save(root / other / "0.png", _rgb(4, 4))
+        return str(root / side)
+    if case == "gopro_missing_sharp":
+        _pair(root / "seqA", "0.png", _rgb(4, 4))
+        _save(root / "seqB" / "blur" / "0.png", _rgb(4, 4))
+        return str(root / "seqB" / "sharp")
+    if case == "empty_blur":
+        (root / "blur").mkdir()
+        _save(root / "sharp" / "0.png", _rgb(4, 4))
+        return str(root / "blur")
+    if case == "empty_sharp":
+        _save(root / "blur" / "0.png", _rgb(4, 4))
+        (root / "sharp" / "sub").mkdir(parents=True)
+        return str(root / "sharp")
+    if case == "blur_without_sharp":
+        _pair(root, "0.png", _rgb(4, 4))
+        _save(root / "blur" / "x" / "lonely.png", _rgb(4, 4))
+        return str(root / "blur" / "x" / "lonely.png")
+    assert case == "sharp_without_blur"
+    _pair(root, "0.png", _rgb(4, 4))
+    _save(root / "sharp" / "lonely.jpg", _rgb(4, 4))
+    return str(root / "sharp" / "lonely.jpg")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_root",
+        "no_folders",
+        "missing_sharp",
+        "missing_blur",
+        "gopro_missing_sharp",
+        "empty_blur",
+        "empty_sharp",
+        "blur_without_sharp",
+        "sharp_without_blur",
+    ],
+)
+def test_constructor_errors(tmp_path: Path, case: str) -> None:
+    culprit = _layout_error(tmp_path, case)
+    root = tmp_path / "nope" if case == "missing_root" else tmp_path
+    with pytest.raises(DatasetError, match=re.escape(culprit)) as info:
+        PairedImageFolder(root)
+    message = str(info.value)
+    assert "|-- blur/" in message and "`-- sharp/" in message and "<sequence>/" in message
+    assert isinstance(info.value, ValueError)
+
+
+def _access_error(root: Path, case: str) -> tuple[str, int | None]:
+    """A dataset whose pair 1 is broken; returns (culprit file, crop_size)."""
+    _pair(root, "0.png", _rgb(16, 16))
+    if case == "size_mismatch":
+        _pair(root, "1.png", _rgb(16, 16), _rgb(16, 12))
+        return str(root / "sharp" / "1.png"), None
+    if case == "crop_too_large":
+        _pair(root, "1.png", _rgb(16, 10))
+        return str(root / "blur" / "1.png"), 12
+    if case == "garbage":
+        _save(root / "sharp" / "1.png", _rgb(16, 16))
+        (root / "blur" / "1.png").write_bytes(b"this is not a PNG")
+        return str(root / "blur" / "1.png"), None
+    if case == "empty_file":
+        _save(root / "blur" / "1.png", _rgb(16, 16))
+        (root / "sharp" / "1.png").write_bytes(b"")
+        return str(root / "sharp" / "1.png"), None
+    suffix = ".png" if case == "truncated_png" else ".jpg"
+    _pair(root, "1" + suffix, _rgb(64, 64))
+    path = root / "sharp" / ("1" + suffix)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(path), None
+
+
+ACCESS_CASES = ["size_mismatch", "crop_too_large", "garbage", "empty_file"]
+
+
+@pytest.mark.parametrize("case", [*ACCESS_CASES, "truncated_png", "truncated_jpeg"])
+def test_access_time_errors(tmp_path: Path, case: str) -> None:
+    culprit, crop = _access_error(tmp_path, case)
+    ds = PairedImageFolder(tmp_path, crop_size=crop)  # cheap constructor: pairing is fine
+    ds[0]
+    with pytest.raises(DatasetError, match=re.escape(culprit)) as info:
+        ds[1]
+    assert "|-- blur/" in str(info.value)
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("case", ACCESS_CASES)
+def test_validate_finds_problems_up_front(tmp_path: Path, case: str, full: bool) -> None:
+    culprit, crop = _access_error(tmp_path, case)
+    with pytest.raises(DatasetError, match=re.escape(culprit)):
+        PairedImageFolder(tmp_path, crop_size=crop).validate(full=full)
+
+
+@pytest.mark.parametrize("case", ["truncated_png", "truncated_jpeg"])
+def test_validate_full_finds_truncated_files(tmp_path: Path, case: str) -> None:
+    culprit, _ = _access_error(tmp_path, case)
+    with pytest.raises(DatasetError, match=re.escape(culprit)):
+        PairedImageFolder(tmp_path).validate(full=True)
+
+
+@pytest.mark.parametrize(("crop", "exc"), [(0, ValueError), (-3, ValueError), (8.0, TypeError)])
+def test_bad_crop_size(tmp_path: Path, crop: object, exc: type) -> None:
+    _pair(tmp_path, "0.png", _rgb(16, 16))
+    with pytest.raises(exc, match="crop_size"):
+        PairedImageFolder(tmp_path, crop_size=crop)
+
+
+# --- crops, augmentation, caching -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [(40, 56), (48, 48)])
+@pytest.mark.parametrize("crop", [None, 24])
+def test_crop_and_augment_keep_pairs_aligned(tmp_path: Path, hw: tuple[int, int], crop) -> None:
+    """blur = 255 - sharp on disk, so an aligned pair always satisfies blur == -sharp."""
+    sharp = _rgb(*hw, 5)
+    _pair(tmp_path, "0.png", 255 - sharp, sharp)
+    ds = PairedImageFolder(tmp_path, crop_size=crop, augment=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        b, s = ds[0]
+        torch.testing.assert_close(b, -s, rtol=0, atol=1e-6)
+        seen.add(s.numpy().tobytes())
+        assert s.shape == ((3, crop, crop) if crop else (3, *hw))  # rot90 keeps shapes
+    assert len(seen) >= 4  # crops/flips really vary (4 shape-keeping orientations at least)
+
+
+def test_augment_reaches_all_eight_orientations_on_square(tmp_path: Path) -> None:
+    img = _rgb(8, 8, 1)
+    _pair(tmp_path, "0.png", img)
+    ds = PairedImageFolder(tmp_path, augment=True)
+    torch.manual_seed(0)
+    seen = {ds[0][1].numpy().tobytes() for _ in range(200)}
+    assert len(seen) == 8
+
+
+def test_cache_keeps_decoded_arrays(tmp_path: Path) -> None:
+    _pair(tmp_path, "0.png", _rgb(8, 8, 1), _rgb(8, 8, 2))
+    plain, cached = PairedImageFolder(tmp_path), PairedImageFolder(tmp_path, cache=True)
+    first = cached[0]
+    for a, b in zip(first, plain[0], strict=True):
+        assert torch.equal(a, b)
+    for p in cached.pairs[0]:
+        p.unlink()
+    for a, b in zip(cached[0], first, strict=True):  # served from memory
+        assert torch.equal(a, b)
+    with pytest.raises(DatasetError, match="0.png"):
+        plain[0]
+
+
+def test_preload_decodes_everything(small_folder: Path) -> None:
+    ds = PairedImageFolder(small_folder, crop_size=8)
+    ds.preload()
+    assert ds.cache and len(ds._cache) == len(ds) == 6
+    loader = make_loader(ds, 3, shuffle=True, num_workers=2)
+    assert [b.shape for b, _ in loader] == [(3, 3, 8, 8)] * 2
+
+
+# --- make_loader ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    for i in range(6):
+        _pair(root, f"{i}.png", _rgb(20, 20, i), _rgb(20, 20, 10 + i))
+    return root
+
+
+def _epochs(root: Path, seed: int, workers: int, n_epochs: int = 2) -> list[list[torch.Tensor]]:
+    ds = PairedImageFolder(root, crop_size=12, augment=True)
+    loader = make_loader(ds, 4, shuffle=True, num_workers=workers, seed=seed)
+    return [[t for batch in loader for t in batch] for _ in range(n_epochs)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_make_loader_is_deterministic(small_folder: Path, workers: int) -> None:
+    torch.manual_seed(123)  # the global RNG must not matter
+    a = _epochs(small_folder, 0, workers)
+    torch.manual_seed(456)
+    b = _epochs(small_folder, 0, workers)
+    c = _epochs(small_folder, 1, workers)
+    for ea, eb in zip(a, b, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(ea, eb, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a[0], c[0], strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a[0], a[1], strict=True))  # new epoch
+    assert [t.shape for t in a[0]] == [(4, 3, 12, 12)] * 2 + [(2, 3, 12, 12)] * 2
+
+
+def test_make_loader_options(small_folder: Path) -> None:
+    ds = PairedImageFolder(small_folder)
+    loader = make_loader(ds, 4, shuffle=False, drop_last=True)
+    assert loader.num_workers == 0 and not loader.pin_memory
+    assert len(list(loader)) == 1
+    sub = torch.utils.data.Subset(ds, [0, 1])
+    assert len(list(make_loader(sub, 1, shuffle=True))) == 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            make_loader(ds, bad, shuffle=False)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_loader(ds, 1, shuffle=False, num_workers=-1)
+
+
+# --- synthesize -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(out, n_train=4, n_test=2, size=64, seed=0, progress=False)
+    return out
+
+
+def test_synthesize_layout_and_manifest(synth: Path) -> None:
+    for split, n in (("train", 4), ("test", 2)):
+        for sub, ext in (("blur", "png"), ("sharp", "png"), ("kernels", "npy")):
+            names = sorted(p.name for p in (synth / split / sub).iterdir())
+            assert names == [f"{i:04d}.{ext}" for i in range(n)]
+        ds = PairedImageFolder(synth / split)
+        assert len(ds) == n and ds.validate(full=True) == n
+        assert ds[0][0].shape == (3, 64, 64)
+    m = json.loads((synth / "manifest.json").read_text())
+    assert m["complete"] and m["counts"] == {"train": 4, "test": 2}
+    assert m["settings"]["size"] == 64 and m["settings"]["seed"] == 0
+    assert m["sources"]["train"] and m["sources"]["test"]
+    assert not set(m["sources"]["train"]) & set(m["sources"]["test"])  # held-out sources
+    assert sum(m["used"]["train"].values()) == 4
+
+
+def test_synthesize_blur_is_kernel_convolution_plus_light_noise(synth: Path) -> None:
+    for i in range(4):
+        k = np.load(synth / "train" / "kernels" / f"{i:04d}.npy")
+        assert k.dtype == np.float32 and k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
+        assert 7 <= k.shape[0] <= 31 and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
+        sharp = load_image(synth / "train" / "sharp" / f"{i:04d}.png").astype(np.float64)
+        blur = load_image(synth / "train" / "blur" / f"{i:04d}.png").astype(np.float64)
+        ref = np.stack(
+            [
+                ndimage.convolve(sharp[..., c], k.astype(np.float64), mode="mirror")
+                for c in range(3)
+            ],
+            -1,
+        )
+        residual = blur - ref
+        assert abs(residual.mean()) < 3e-3
+        assert 0.006 < residual.std() < 0.014  # sigma 0.01 noise + 8-bit rounding
+
+
+def test_synthesize_same_seed_is_byte_identical(synth: Path, tmp_path: Path) -> None:
+    synthesize(tmp_path / "again", 4, 2, size=64, seed=0, progress=False)
+    synthesize(tmp_path / "other", 4, 2, size=64, seed=1, progress=False)
+    synthesize(tmp_path / "fewer", 2, 1, size=64, seed=0, progress=False)
+    reference, again = _sha(synth), _sha(tmp_path / "again")
+    assert again == reference
+    other = _sha(tmp_path / "other")
+    assert all(other[n] != reference[n] for n in reference if n.endswith((".png", ".npy")))
+    fewer = _sha(tmp_path / "fewer")  # image i depends only on (seed, split, i)
+    assert all(fewer[n] == reference[n] for n in fewer if n != "manifest.json")
+
+
+def test_synthesize_is_idempotent_and_refuses_foreign_content(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    first = synthesize(out, 2, 1, size=32, seed=0, progress=False)
+    stamp = (out / "train" / "blur" / "0000.png").stat().st_mtime_ns
+    assert synthesize(out, 2, 1, size=32, seed=0, progress=False) == first
+    assert (out / "train" / "blur" / "0000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        synthesize(out, 3, 1, size=32, seed=0, progress=False)
+    (out / "train" / "blur" / "0001.png").unlink()  # incomplete: regenerated, no overwrite
+    assert synthesize(out, 2, 1, size=32, seed=0, progress=False) == first
+    assert (out / "train" / "blur" / "0001.png").exists()
+    (out / "keep.txt").write_text("user file")
+    m = synthesize(out, 3, 1, size=32, seed=0, overwrite=True, progress=False)
+    assert m["counts"]["train"] == 3 and (out / "keep.txt").exists()
+    assert len(list((out / "train" / "sharp").iterdir())) == 3
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=re.escape(str(foreign))):
+        synthesize(foreign, 1, 1, size=32, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n_train": 0}, {"n_test": 0}, {"size": 31}, {"size": 64.0}, {"n_train": True}, {"seed": -1}],
+)
+def test_synthesize_rejects_bad_values(tmp_path: Path, kwargs: dict) -> None:
+    args = {"n_train": 1, "n_test": 1, "size": 32} | kwargs
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        synthesize(tmp_path / "d", **args)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("size", [3, 7, 15, 31])
+def test_random_shake_kernel(size: int) -> None:
+    k = random_shake_kernel(size, np.random.default_rng(size))
+    assert k.shape == (size, size) and k.dtype == np.float32
+    assert k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5
+    yy, xx = np.mgrid[:size, :size]
+    centre = (size - 1) / 2
+    assert abs((k * yy).sum() - centre) < 1e-3 and abs((k * xx).sum() - centre) < 1e-3
+    again = random_shake_kernel(size, np.random.default_rng(size))
+    assert np.array_equal(k, again)
+    if size >= 15:
+        assert (k > 0).sum() > size  # a trajectory, not a dot
+
+
+@pytest.mark.parametrize("size", [4, 1, 7.0, True])
+def test_random_shake_kernel_rejects_bad_size(size: object) -> None:
+    with pytest.raises(ValueError, match="odd int"):
+        random_shake_kernel(size, np.random.default_rng(0))
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_synth_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    argv = ["synth", "--out", str(out), "--n_train", "2", "--n_test", "1", "--size", "32"]
+    assert main(argv) == 0
+    assert "2 train + 1 test" in capsys.readouterr().out
+    assert main(["check", str(out / "train"), "--full"]) == 0
+    assert "2 pairs OK" in capsys.readouterr().out
+    (out / "train" / "sharp" / "0001.png").unlink()
+    assert main(["check", str(out / "train")]) == 1
+    err = capsys.readouterr().err
+    assert "0001.png" in err and "|-- blur/" in err
+    assert main(["check", str(out / "test"), "--crop_size", "33"]) == 1
+    assert "crop_size 33" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "--n_train", "0"],
+        ["synth", "--n_test", "-1"],
+        ["synth", "--size", "16"],
+        ["synth", "--size", "big"],
+        ["synth", "--seed", "-1"],
+        ["check"],
+        [],
+    ],
+)
+def test_cli_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_module_entry_point(synth: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "deblur_lib.data", "check", str(synth / "test")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 pairs OK" in result.stdout
