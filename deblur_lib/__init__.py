@@ -11,8 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "data": ["PairedImageFolder", "DatasetError", "synthesize", "make_loader"],
-    "models": ["DeblurNet", "build_model"],
+    "data": ["PairedImageFolder", "DatasetError", "load_image", "make_loader", "synthesize"],
+    "models": ["DeblurNet", "MODEL_PRESETS", "build_model", "count_parameters"],
     "losses": ["CharbonnierLoss", "MSSSIMLoss", "CombinedLoss"],
     "metrics": ["psnr", "ssim", "calculate_metrics", "denormalize", "MetricError", "PSNR_CAP_DB"],
     "evaluate": ["evaluate", "EvalReport"],
