@@ -1,0 +1,245 @@
+"""Training configuration and command line: ``TrainConfig``, its validation, and ``main``.
+
+``python -m deblur_lib.train`` (or ``main(argv)``) parses one flag per ``TrainConfig`` field,
+validates everything before creating or overwriting a single file, then calls
+``deblur_lib.train.fit``. Exit codes: 0 normal finish, 2 usage error (argparse-style message
+naming the flag to change), 3 stopped by a guard (the last line names the cause).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE, EXIT_STOPPED = 0, 2, 3
+
+FAULT_HELP = (
+    "deterministic fault injection for reproductions and tests: KIND@step=N[,count=M][,rank=R] "
+    "(training, 0-based global step; KIND: nan_input inf_input nan_target inf_target "
+    "const_input nan_output inf_output nan_loss nan_grad) or KIND@epoch=E[,batches=K|all] "
+    "(validation; KIND: val_nan_output val_inf_output val_metric_error); join specs with ';'"
+)
+
+
+def _opt(default, help: str, choices: tuple | None = None):  # noqa: A002 (argparse's name)
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; one CLI flag per field (``--name value``)."""
+
+    train_data: str = _opt("data/train", "training pairs: DIR/{blur,sharp}/ or GoPro DIR/<seq>/")
+    test_data: str = _opt("data/test", "validation pairs, full size, same layout")
+    registered_model_name: str | None = _opt(None, "register the best model under this name")
+    batch_size: int = _opt(8, "global batch size (split evenly across DDP ranks)")
+    num_epochs: int = _opt(50, "epochs to train")
+    learning_rate: float = _opt(1e-4, "AdamW learning rate")
+    patience: int = _opt(20, "ReduceLROnPlateau patience, in validated epochs")
+    crop_size: int = _opt(256, "random training crop, px (<= the smallest training image)")
+    model_size: str = _opt("small", "DeblurNet preset", ("tiny", "small", "base"))
+    model_width: int | None = _opt(None, "override the preset's channel width")
+    device: str = _opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
+    amp: str = _opt("off", "bf16 autocast for the training step", ("off", "bf16"))
+    channels_last: bool = _opt(False, "channels_last memory format (faster convs on GPU)")
+    seed: int = _opt(0, "seeds python, numpy, torch and the data order")
+    num_workers: int | None = _opt(None, "DataLoader workers (None = data.make_loader's choice)")
+    alpha: float = _opt(0.84, "weight of the (1 - MS-SSIM) term")
+    beta: float = _opt(0.16, "weight of the Charbonnier term")
+    grad_clip: float = _opt(1.0, "clip the gradient norm at this value, 0 disables")
+    max_bad_steps: int = _opt(20, "more consecutive skipped steps than this -> roll back")
+    max_rollbacks: int = _opt(3, "more rollbacks than this -> stop")
+    max_invalid_epochs: int = _opt(3, "this many consecutive invalid validations -> stop")
+    out_dir: str = _opt("runs/train", "checkpoints (last.pt, best.pt) and metrics.jsonl")
+    resume: str | None = _opt(None, "'auto' (OUT_DIR/last.pt if present) or a checkpoint path")
+    experiment: str = _opt("deblur-guard", "MLflow experiment name")
+    tracking_uri: str | None = _opt(None, "MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    guards: str = _opt("on", "off reproduces the original unguarded loop", ("on", "off"))
+    detect_anomaly: bool = _opt(False, "torch.autograd anomaly mode (slow; debugging only)")
+    inject_fault: str | None = _opt(None, FAULT_HELP)
+    scheduler: str = _opt("plateau", "LR schedule", ("plateau", "cosine"))
+    val_every: int = _opt(1, "validate every N epochs")
+    log_every: int = _opt(10, "read device-side guard counters every N steps (a sync point)")
+    max_steps_per_epoch: int | None = _opt(None, "cap on steps per epoch (smoke runs)")
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (what checkpoints store and MLflow logs as params)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every field and the data folders; ValueError with a one-line fix message.
+
+        Reads image headers only; creates nothing.
+        """
+        _check_ranges(self)
+        if self.inject_fault:
+            from deblur_lib.faults import parse_faults
+
+            try:
+                parse_faults(self.inject_fault)
+            except ValueError as exc:
+                raise ValueError(f"--inject_fault: {exc}") from None
+        if self.resume not in (None, "auto") and not Path(self.resume).is_file():
+            raise ValueError(f"--resume {self.resume}: no such checkpoint; pass 'auto' or a file")
+        _check_out_dir(Path(self.out_dir))
+        _check_data(self)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    at_least = {
+        "batch_size": 1,
+        "num_epochs": 1,
+        "crop_size": 8,
+        "patience": 0,
+        "seed": 0,
+        "max_bad_steps": 0,
+        "max_rollbacks": 0,
+        "max_invalid_epochs": 1,
+        "val_every": 1,
+        "log_every": 1,
+        "model_width": 4,
+        "num_workers": 0,
+        "max_steps_per_epoch": 1,
+    }
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise ValueError(f"--{name} must be an integer >= {low} (got {value!r})")
+    lr = cfg.learning_rate
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
+    for name in ("alpha", "beta", "grad_clip"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name} must be a finite number >= 0 (got {value!r})")
+    if cfg.alpha + cfg.beta <= 0:
+        raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(
+                f"--{f.name} must be one of {', '.join(choices)} (got {getattr(cfg, f.name)!r})"
+            )
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    from deblur_lib.data import DatasetError, PairedImageFolder
+
+    for flag, root in (("train_data", cfg.train_data), ("test_data", cfg.test_data)):
+        if not Path(root).is_dir():
+            raise ValueError(
+                f"--{flag} {root}: no such folder; create it with "
+                "`python -m deblur_lib.data synth --out data`"
+            )
+        try:
+            ds = PairedImageFolder(root)
+            ds.validate()  # headers only: unreadable files, blur/sharp size mismatches
+        except DatasetError as exc:
+            problem = str(exc).split("\nexpected layout")[0]  # drop the layout drawing
+            raise ValueError(f"--{flag} {root}: {_one_line(problem)}") from None
+        if len(ds) == 0:
+            raise ValueError(f"--{flag} {root}: no image pairs found (expected blur/ and sharp/)")
+        if flag == "train_data":
+            smallest = min(min(size) for size in image_sizes(ds))
+            if cfg.crop_size > smallest:
+                raise ValueError(
+                    f"--crop_size {cfg.crop_size} is larger than the smallest "
+                    f"training image ({smallest} px); use --crop_size {smallest}"
+                )
+
+
+def image_sizes(dataset) -> list[tuple[int, int]]:
+    """(H, W) of every sharp image in a ``PairedImageFolder``, from file headers (no decoding)."""
+    from PIL import Image
+
+    sizes = []
+    for _, sharp in dataset.pairs:
+        with Image.open(sharp) as im:
+            sizes.append((im.height, im.width))
+    return sizes
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out_dir {out_dir} is a file; pass a folder")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {out_dir}: {existing} is not writable; pass another folder")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per ``TrainConfig`` field, defaults and help taken from the dataclass."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deblur_lib.train",
+        description="Train DeblurNet with guards (exit 0 finished, 2 usage, 3 stopped by a guard).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        base = f.type.split(" |")[0]
+        kind = {"int": int, "float": float, "bool": _parse_bool}.get(base, str)
+        if " | None" in f.type:
+            kind = _optional(kind)
+        extra = {"nargs": "?", "const": True} if base == "bool" else {}
+        parser.add_argument(
+            f"--{f.name}",
+            type=kind,
+            default=f.default,
+            help=f.metadata["help"],
+            choices=f.metadata.get("choices"),
+            **extra,
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 finished, 2 usage error, 3 stopped by a guard)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        cfg = TrainConfig(**vars(args))
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            parser.error(_one_line(exc))
+    except SystemExit as exc:  # argparse's usage errors and --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from deblur_lib.train import fit
+
+    result = fit(cfg)
+    return EXIT_OK if result.ok else EXIT_STOPPED

@@ -1,0 +1,187 @@
+"""Guarded validation (fixes 2 and 3 done right), and the original one for "before" runs.
+
+``evaluate`` skips a batch only for a named reason, averages per image, keeps every sum and
+flag on the device and reads them once at the end (one host-device sync per evaluation), and
+returns NaN metrics with ``ok=False`` when nothing was valid: never 0.0, never a 999 sentinel.
+Under DDP (``torch.distributed`` initialised) the sums are all-reduced, so the counts and
+averages cover every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deblur_lib.guards import all_finite
+from deblur_lib.metrics import MetricError, denormalize, psnr, ssim
+
+log = logging.getLogger(__name__)
+
+REASONS = ("nonfinite_output", "nonfinite_loss", "nonfinite_metric", "metric_error")
+# Layout of the device-side accumulator (float64): sums over valid images, then counts.
+_LOSS, _PSNR, _SSIM, _IMAGES, _BATCHES = range(5)
+_REASON0 = 5
+
+
+@dataclass
+class EvalReport:
+    """Validation result.
+
+    ``loss`` (criterion value, model space), ``psnr`` (dB, capped at ``metrics.PSNR_CAP_DB``) and
+    ``ssim`` (metric space, [0, 1]) are per-image averages over the valid batches, NaN when there
+    were none. ``n_valid``/``n_total`` count batches, ``n_images`` the images averaged,
+    ``skipped`` maps each reason in ``REASONS`` to its batch count.
+    """
+
+    loss: float
+    psnr: float
+    ssim: float
+    n_valid: int
+    n_total: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    n_images: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when at least one batch was valid and every average is finite."""
+        return self.n_valid > 0 and all(math.isfinite(v) for v in (self.loss, self.psnr, self.ssim))
+
+    def summary(self) -> str:
+        text = f"Evaluated {self.n_valid}/{self.n_total} batches successfully"
+        reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v)
+        return f"{text} (skipped: {reasons})" if reasons else text
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+    injector=None,
+    epoch: int = 0,
+) -> EvalReport:
+    """Validate ``model`` on ``loader`` of (blur, sharp) model-space batches (N, 3, H, W).
+
+    Images may have any size (the model pads). A batch is skipped, with its reason, when the
+    output, the loss or a metric is not finite, or when metric code raises ``MetricError`` or
+    ``ValueError``; any other exception (a bug, e.g. NameError) propagates. ``injector``
+    (``faults.FaultInjector``) may corrupt outputs or make metric code raise, by epoch/batch.
+    The model is left in the mode it came in.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    first_error: str | None = None
+    try:
+        with torch.inference_mode():
+            acc = torch.zeros(_REASON0 + len(REASONS), dtype=torch.float64, device=device)
+            for i, (blur, sharp) in enumerate(loader):
+                blur = blur.to(device, non_blocking=True)
+                sharp = sharp.to(device, non_blocking=True)
+                out = model(blur)
+                if injector is not None:
+                    out = injector.val_output(epoch, i, out)
+                out = out.float()
+                loss = criterion(out, sharp).double()
+                try:  # narrow on purpose: only the metric code's own input errors are skips
+                    if injector is not None:
+                        injector.val_metric(epoch, i)
+                    pred, target = denormalize(out), denormalize(sharp.float())
+                    p, s = psnr(pred, target), ssim(pred, target)
+                except (MetricError, ValueError) as exc:
+                    first_error = first_error or f"{type(exc).__name__}: {exc}"
+                    acc[_REASON0 + 3] += 1
+                    continue
+                _accumulate(acc, out, loss, p, s)
+            _all_reduce(acc)
+            values = acc.tolist()  # note: the one host-device sync of the evaluation
+    finally:
+        model.train(was_training)
+    report = _report(values)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        log.info(report.summary())
+        if first_error:
+            log.info("first metric error on this rank: %s", first_error)
+    return report
+
+
+def _accumulate(acc: torch.Tensor, out, loss, p, s) -> None:
+    """Add one batch to ``acc`` on the device: sums if valid, else its (first failing) reason."""
+    out_ok = all_finite(out)
+    loss_ok = torch.isfinite(loss).all()
+    metric_ok = torch.isfinite(p).all() & torch.isfinite(s).all()
+    valid = out_ok & loss_ok & metric_ok
+    n = acc.new_full((), float(p.numel()))  # a fill kernel, not a host->device copy
+    sums = torch.stack([loss * n, p.double().sum(), s.double().sum(), n, torch.ones_like(n)])
+    acc[:_REASON0] += torch.where(valid, sums, torch.zeros_like(sums))  # where, not *: NaN*0=NaN
+    reasons = torch.stack([~out_ok, out_ok & ~loss_ok, out_ok & loss_ok & ~metric_ok])
+    acc[_REASON0 : _REASON0 + 3] += reasons.double()
+
+
+def _all_reduce(acc: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(acc)
+
+
+def _report(values: list[float]) -> EvalReport:
+    counts = [int(round(v)) for v in values[_REASON0:]]
+    skipped = dict(zip(REASONS, counts, strict=True))
+    n_valid, n_images = int(round(values[_BATCHES])), int(round(values[_IMAGES]))
+    n_total = n_valid + sum(counts)  # every batch is valid or has exactly one reason; all ranks
+    if n_images == 0:
+        return EvalReport(math.nan, math.nan, math.nan, 0, n_total, skipped, 0)
+    loss, p, s = (values[k] / n_images for k in (_LOSS, _PSNR, _SSIM))
+    return EvalReport(loss, p, s, n_valid, n_total, skipped, n_images)
+
+
+def evaluate_seed_style(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+    injector=None,
+    epoch: int = 0,
+) -> EvalReport:
+    """The ORIGINAL evaluation, for the notebooks' "before" runs (``--guards off``).
+
+    Reproduces its flaws on purpose: per-batch (not per-image) averages, ``.item()`` per batch,
+    ``legacy.seed_calculate_metrics`` whose broad ``except`` turns any failure into 0.0, and
+    NaN passed through as it comes. Never skips a batch, so ``n_valid == n_total``.
+    """
+    from deblur_lib.legacy import seed_calculate_metrics
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_loss = total_psnr = total_ssim = 0.0
+    n_batches = n_images = 0
+    try:
+        with torch.no_grad():
+            for i, (blur, sharp) in enumerate(loader):
+                blur, sharp = blur.to(device), sharp.to(device)
+                out = model(blur)
+                if injector is not None:
+                    out = injector.val_output(epoch, i, out)
+                total_loss += criterion(out, sharp).item()
+                try:
+                    if injector is not None:
+                        injector.val_metric(epoch, i)
+                    p, s = seed_calculate_metrics(out, sharp)
+                except Exception:  # noqa: BLE001 (the seed's broad except, reproduced on purpose)
+                    p, s = 0.0, 0.0
+                total_psnr, total_ssim = total_psnr + p, total_ssim + s
+                n_batches, n_images = n_batches + 1, n_images + blur.shape[0]
+    finally:
+        model.train(was_training)
+    d = max(n_batches, 1)
+    report = EvalReport(
+        total_loss / d, total_psnr / d, total_ssim / d, n_batches, n_batches, {}, n_images
+    )
+    log.info(report.summary())
+    return report
