@@ -85,10 +85,35 @@ class TrainConfig:
                 parse_faults(self.inject_fault)
             except ValueError as exc:
                 raise ValueError(f"--inject_fault: {exc}") from None
-        if self.resume not in (None, "auto") and not Path(self.resume).is_file():
-            raise ValueError(f"--resume {self.resume}: no such checkpoint; pass 'auto' or a file")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+        if self.batch_size % world:
+            raise ValueError(
+                f"--batch_size {self.batch_size} is the global batch: it must be "
+                f"divisible by the {world} processes"
+            )
+        _check_resume(self)
         _check_out_dir(Path(self.out_dir))
         _check_data(self)
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """The checkpoint to resume must exist and hold the same architecture."""
+    if cfg.resume is None:
+        return
+    path = Path(cfg.out_dir, "last.pt") if cfg.resume == "auto" else Path(cfg.resume)
+    if not path.is_file():
+        if cfg.resume == "auto":
+            return  # nothing to resume yet: a fresh run
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint; pass 'auto' or a file")
+    from deblur_lib.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(path).get("config", {})
+    for name in ("model_size", "model_width"):
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise ValueError(
+                f"--resume {path}: it was trained with --{name} {saved[name]}, "
+                f"not {getattr(cfg, name)}; pass the same value"
+            )
 
 
 def _check_ranges(cfg: TrainConfig) -> None:

@@ -193,6 +193,8 @@ def test_resume_auto_continues_the_same_run(cfg):
     history = _metrics(cfg, second.run_id)
     assert [s for s, _ in history["train_loss"]] == [0, 1]  # no duplicated epoch steps
     assert second.global_step == 2 * first.global_step
+    argv = _argv(cfg, resume="auto", model_size="small", num_epochs=3)
+    assert main(argv) == 2  # another architecture cannot load this checkpoint
 
 
 @pytest.mark.parametrize(
