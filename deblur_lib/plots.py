@@ -140,7 +140,8 @@ def plot_curves(
     """One panel per metric key, one line per run (label -> ``runs.run_history`` output).
 
     Non-finite (or |x| >= 1e300, MLflow's clamped inf) values are drawn as red crosses on
-    the panel's lower edge and counted in the legend; exact 0.0 values get a marker too.
+    the panel's lower edge and counted in the legend; a PSNR/SSIM of exactly 0.0 gets a hollow
+    square (the value the seed's broad ``except`` logged).
     """
     fig = Figure(figsize=(3.6 * len(keys), 3.0), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -152,7 +153,7 @@ def plot_curves(
             style = ("-", "--", ":", "-.")[i % 4]
             (line,) = ax.plot(steps, good, style, marker="o", ms=3, label=label)
             zeros = values == 0.0
-            if zeros.any():
+            if zeros.any() and ("psnr" in key or "ssim" in key):  # 0.0: the seed's failure value
                 ax.plot(steps[zeros], values[zeros], "s", color=line.get_color(), mfc="none")
             if bad.any():
                 ax.plot(
