@@ -175,7 +175,8 @@ def evaluate_seed_style(
                     p, s = seed_calculate_metrics(out, sharp)
                 except Exception:  # noqa: BLE001 (the seed's broad except, reproduced on purpose)
                     p, s = 0.0, 0.0
-                total_psnr, total_ssim = total_psnr + p, total_ssim + s
+                # float(): skimage gives numpy scalars, which weights_only checkpoints refuse
+                total_psnr, total_ssim = total_psnr + float(p), total_ssim + float(s)
                 n_batches, n_images = n_batches + 1, n_images + blur.shape[0]
     finally:
         model.train(was_training)
