@@ -36,7 +36,7 @@ SSIM_K = (0.01, 0.03)  # SSIM stabilising constants K1, K2 (times data_range, sq
 # BT.601 luma for RGB in [0, 1] -> Y in [16, 235] / 255 (as MATLAB rgb2ycbcr, BasicSR, skimage).
 _Y_OFFSET = 16.0 / 255.0
 _Y_RGB = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
-_CHUNK_ELEMS = 1 << 18  # CPU: values per chunk of images (one 256x256 RGB image per chunk)
+_CHUNK_ELEMS = 1 << 19  # CPU: values per chunk of images (two 256x256 RGB images)
 _TARGET_RANGE_TOL = 1e-3  # calculate_metrics: model-space targets must lie in [-1, 1] +- this
 
 

@@ -272,6 +272,17 @@ def test_stock_gradient_not_finite_at_tiny_cs_ours_finite() -> None:
     assert loss_fn.read_stats()["msssim_fallbacks"] == 0
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e30, 3e38])
+def test_extreme_finite_predictions_give_finite_values_and_gradients(scale: float) -> None:
+    pred, target = _pair(2, 176, 176)
+    p = (pred * scale).requires_grad_(True)
+    for loss_fn in (MSSSIMLoss(), CombinedLoss(), CharbonnierLoss()):
+        p.grad = None
+        value = loss_fn(p, target)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(p.grad).all(), type(loss_fn).__name__
+
+
 def test_stock_nan_pixel_poisons_sample_ours_falls_back_per_sample() -> None:
     pred, target = _pair(3, 176, 176)
     pred[PIXEL] = float("nan")
