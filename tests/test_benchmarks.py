@@ -1,0 +1,125 @@
+"""Smoke tests of benchmarks/: each script runs with ``--quick`` sizes and writes valid JSON with
+the expected keys. No timing asserts (figures come from the scripts, see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+
+torch.set_num_threads(1)
+
+MACHINE_KEYS = {
+    "torch",
+    "device",
+    "device_name",
+    "cpu_count",
+    "torch_threads",
+    "load_avg_start",
+    "load_avg_end",
+    "started",
+    "finished",
+    "noisy",
+}
+SCRIPTS = {
+    "guard_overhead": (
+        [],
+        {"config", "step_time", "ratio_vs_unguarded", "host_syncs_per_step", "target"},
+    ),
+    "throughput": (["--no_compile"], {"config", "variants", "target"}),
+    "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
+    "quality": (["--data_dir", "{tmp}/data"], {"settings", "fit", "test", "gains", "target"}),
+}
+
+
+_CACHE: dict[str, dict] = {}
+
+
+def _run(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run ``benchmarks/<name>.py --quick`` once per test session; its JSON result."""
+    if name in _CACHE:
+        return _CACHE[name]
+    tmp_path = tmp_path_factory.mktemp(name)
+    extra = SCRIPTS[name][0]
+    out = tmp_path / f"{name}.json"
+    args = [a.format(tmp=tmp_path) for a in extra]
+    cmd = [
+        sys.executable,
+        str(BENCH / f"{name}.py"),
+        "--quick",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _CACHE[name] = json.loads(out.read_text())
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_writes_json_with_expected_keys(name, tmp_path_factory):
+    keys = SCRIPTS[name][1]
+    result = _run(name, tmp_path_factory)
+    assert result["benchmark"] == name
+    assert MACHINE_KEYS <= set(result["machine"])
+    assert result["machine"]["quick"] is True
+    assert result["machine"]["torch_threads"] == 1
+    assert keys <= set(result), set(result)
+
+
+def test_guard_overhead_counts_seed_checks_and_no_syncs_for_ours(tmp_path_factory):
+    result = _run("guard_overhead", tmp_path_factory)
+    syncs = result["host_syncs_per_step"]
+    assert syncs["guarded"]["tensor_method_calls_per_step"] == 0
+    assert syncs["unguarded"]["tensor_method_calls_per_step"] == 0
+    checks = result["config"]["seed_style_checks_per_step"]
+    assert syncs["seed_style"]["tensor_method_calls_per_step"] == checks
+    assert result["guarded_and_unguarded_weights_identical"] is True
+
+
+def test_replica_step_matches_the_training_loop_step():
+    """The fallback copy in _common gives the same weights as the loop's own _train_step."""
+    step, origin = _common.train_py_step()
+    if step is _common._replica_train_step:
+        pytest.skip(f"the training loop's step is not importable ({origin})")
+    dev = torch.device("cpu")
+    batch = _common.make_batch(2, 32, dev)
+    ours = _common.step_harness("tiny", dev, guarded=True)
+    theirs = _common.step_harness("tiny", dev, guarded=True)
+    for _ in range(2):
+        step(theirs, *batch, theirs.acc)
+        _common._replica_train_step(ours, *batch, ours.acc)
+    for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(ours.acc, theirs.acc)
+
+
+def test_count_host_reads_counts_item_and_bool_and_restores_methods():
+    original = torch.Tensor.item
+    x = torch.ones(2)
+    with _common.CountHostReads() as reads:
+        x.sum().item()
+        if x.any():
+            pass
+        torch.isfinite(x).all()  # a device op: not a read
+    assert reads.counts["item"] == 1 and reads.counts["__bool__"] == 1 and reads.total == 2
+    assert torch.Tensor.item is original
+
+
+def test_summary_and_peak_memory():
+    s = _common.summary([3.0, 1.0, 2.0])
+    assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["n"] == 3
+    peak = _common.peak_memory_mib(torch.device("cpu"))
+    assert peak is None or peak > 0
