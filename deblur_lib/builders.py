@@ -5,14 +5,16 @@ Kept apart from the loop so each piece can be built (and tested) alone, e.g. in 
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from deblur_lib.cli import TrainConfig, image_sizes
 from deblur_lib.data import PairedImageFolder, make_loader
@@ -27,16 +29,81 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class GlobalBatchSampler(Sampler):
+    """Training order that does not depend on the number of processes.
+
+    Every rank draws the same permutation of ``n`` indices from ``(seed, epoch)``, cuts it into
+    global batches of ``global_batch`` (the last one completed by wrapping around, so every
+    step has a full batch and ranks never get an empty one) and yields its own contiguous
+    slice of each, as ``(epoch, position, index)`` keys for :class:`KeyedCrops` (``position``:
+    the sample's place in the epoch, counted over all ranks). One process and N processes
+    therefore see the same global batches, with the same crops.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed=0):
+        if n < 1 or global_batch % world_size:
+            raise ValueError(
+                f"GlobalBatchSampler: need n >= 1 and a global batch divisible by the "
+                f"{world_size} ranks, got n={n}, global_batch={global_batch}"
+            )
+        self.n, self.global_batch, self.rank, self.seed = n, global_batch, rank, seed
+        self.local_batch = global_batch // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps(self) -> int:
+        return -(-self.n // self.global_batch)  # ceil
+
+    def __len__(self) -> int:
+        return self.steps() * self.local_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        for step in range(self.steps()):
+            start = step * self.global_batch + self.rank * self.local_batch
+            for k in range(start, start + self.local_batch):
+                yield self.epoch, k, perm[k % self.n]
+
+
+class KeyedCrops(Dataset):
+    """``dataset[i]`` looked up by ``(epoch, position, i)``, its random crop and flips seeded by
+    ``(seed, epoch, position)`` alone: the same sample gets the same crop on any rank, with any
+    number of workers, and again when a resumed run replays the epoch; an image drawn twice in
+    one epoch (the wrapped last batch) gets two different crops."""
+
+    def __init__(self, dataset: PairedImageFolder, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position, i = key
+        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + position
+        if get_worker_info() is None:
+            self.dataset.reseed(seed)  # a private generator: the global RNG is left alone
+        else:
+            torch.manual_seed(seed)  # a worker process's own RNG
+        return self.dataset[i]
+
+
 @dataclass
 class Loaders:
-    """``train``: random crops + flips, this rank's share of the global batch (``sampler`` under
-    DDP). ``test``: full-size images, this rank's slice (no padding, so no duplicates).
-    ``example``: the first test blur image, (1, 3, H, W) model space (MLflow input example)."""
+    """``train``: random crops + flips, this rank's slice of each global batch (``sampler``,
+    see :class:`GlobalBatchSampler`). ``test``: full-size images, this rank's slice (no
+    padding, so no duplicates). ``example``: the first test pair (blur, sharp), each
+    (1, 3, H, W) model space (MLflow input example, range check). ``range_warnings``: what
+    :func:`data_range_problem` found on the first full-size pair of each set."""
 
     train: DataLoader
     test: DataLoader
-    sampler: DistributedSampler | None
+    sampler: GlobalBatchSampler
     example: torch.Tensor
+    example_sharp: torch.Tensor
+    range_warnings: list[str] = field(default_factory=list)
 
 
 def build_loaders(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Loaders:
@@ -48,15 +115,53 @@ def build_loaders(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> L
     bs = cfg.batch_size // ctx.world_size
     train_ds = PairedImageFolder(cfg.train_data, crop_size=cfg.crop_size, augment=True)
     test_ds = PairedImageFolder(cfg.test_data)
-    sampler = None
-    if ctx.enabled:
-        sampler = DistributedSampler(train_ds, ctx.world_size, ctx.rank, seed=cfg.seed)
+    sampler = GlobalBatchSampler(len(train_ds), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
     common = {"device": device, "num_workers": cfg.num_workers, "seed": cfg.seed}
-    train = make_loader(train_ds, bs, shuffle=sampler is None, sampler=sampler, **common)
+    train = make_loader(
+        KeyedCrops(train_ds, cfg.seed), bs, shuffle=False, sampler=sampler, **common
+    )
     shard = Subset(test_ds, range(ctx.rank, len(test_ds), ctx.world_size))
     eval_bs = bs if len(set(image_sizes(test_ds))) == 1 else 1  # mixed sizes cannot be batched
     test = make_loader(shard, eval_bs, shuffle=False, **common)
-    return Loaders(train, test, sampler, test_ds[0][0][None])
+    blur, sharp = test_ds[0]
+    firsts = (("train_data", PairedImageFolder(cfg.train_data)[0]), ("test_data", (blur, sharp)))
+    warnings = [
+        f"--{flag} {getattr(cfg, flag)}: {problem}"
+        for flag, pair in firsts
+        if (problem := data_range_problem(*pair))
+    ]
+    return Loaders(train, test, sampler, blur[None], sharp[None], warnings)
+
+
+def data_range_problem(blur: torch.Tensor, sharp: torch.Tensor) -> str | None:
+    """The data-range check (one pair, full size; a host sync: once per run, not per step).
+
+    Model space is [-1, 1]. Values outside it (e.g. [0, 255] data) raise ValueError. Inside
+    it, a range confusion cannot be told from the values with certainty, so two signs of one
+    give a warning text (None when the pair looks normal): every pixel in the upper half of
+    the range (metric-space [0, 1] data read as model space, or images normalised twice) and
+    a pair that spans less than 1/16 of the range (8-bit values in a 16-bit file, a wrong
+    divisor, a constant frame).
+    """
+    both = torch.stack([blur.float(), sharp.float()])
+    low, high = torch.aminmax(both)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"pixel values in [{low:.4g}, {high:.4g}]: model space is [-1, 1] "
+            "(normalise with x / 127.5 - 1 for 8-bit data)"
+        )
+    if low >= 0.0:
+        return (
+            f"every pixel is in [{low:.3g}, {high:.3g}], the upper half of model space [-1, 1]: "
+            "[0, 1] data read as [-1, 1], or images normalised twice?"
+        )
+    if high - low < 2.0 / 16:
+        return (
+            f"the first pair spans only [{low:.3g}, {high:.3g}] of model space [-1, 1]: 8-bit "
+            "values in a 16-bit file, a wrong divisor, or a constant frame?"
+        )
+    return None
 
 
 def build_net(

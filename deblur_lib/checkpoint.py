@@ -5,14 +5,21 @@ A checkpoint is a plain dict loadable with ``torch.load(..., weights_only=True)`
 torch, cuda), ``config`` (``TrainConfig.to_dict()``) and the fields of ``Progress``: ``epoch``
 (last completed, -1 before the first), ``step`` (global), ``run_id`` (MLflow), ``best_psnr``,
 ``best_epoch``, ``rollbacks``, ``invalid_epochs``, ``history`` (one record per epoch).
+
+Test hook: ``DEBLUR_CKPT_WRITE_DELAY_S=SECONDS`` makes ``save_checkpoint`` write half of the
+file, flush it, and sleep that long before writing the rest (and replacing the target), so
+a test can kill the process in the middle of a checkpoint write. Unset in normal use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
+import pickle
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +28,11 @@ import torch
 from torch import nn
 
 FORMAT = 1
+WRITE_DELAY_ENV = "DEBLUR_CKPT_WRITE_DELAY_S"  # test hook, see the module docstring
+# What torch.load raises on a truncated or garbage file (zip reader, then the legacy unpickler)
+_UNREADABLE = (
+    RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, IndexError, ValueError
+)  # fmt: skip
 
 
 @dataclass
@@ -84,13 +96,51 @@ def save_checkpoint(path: str | os.PathLike, state: dict, model: nn.Module | Non
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
+            delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+            if delay > 0:
+                _write_slowly(fh, {"format": FORMAT, **state}, delay)
+            else:
+                torch.save({"format": FORMAT, **state}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_slowly(fh, state: dict, delay: float) -> None:
+    """The ``DEBLUR_CKPT_WRITE_DELAY_S`` test hook: half the bytes, a pause, the rest."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    fh.write(data[: len(data) // 2])
+    fh.flush()
+    os.fsync(fh.fileno())
+    time.sleep(delay)
+    fh.write(data[len(data) // 2 :])
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete half-written ``.NAME.PID.tmp`` files that ``save_checkpoint`` left behind when its
+    process was killed (PID not alive on this machine); returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -100,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:
+    except _UNREADABLE as exc:
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a deblur-guard checkpoint (no 'model' entry)")

@@ -3,7 +3,8 @@
 ``python -m deblur_lib.train`` (or ``main(argv)``) parses one flag per ``TrainConfig`` field,
 validates everything before creating or overwriting a single file, then calls
 ``deblur_lib.train.fit``. Exit codes: 0 normal finish, 2 usage error (argparse-style message
-naming the flag to change), 3 stopped by a guard (the last line names the cause).
+naming the flag to change; also a data file that passes the header check but cannot be
+decoded, found during training), 3 stopped by a guard (the last line names the cause).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class TrainConfig:
     train_data: str = _opt("data/train", "training pairs: DIR/{blur,sharp}/ or GoPro DIR/<seq>/")
     test_data: str = _opt("data/test", "validation pairs, full size, same layout")
     registered_model_name: str | None = _opt(None, "register the best model under this name")
+    log_model: bool = _opt(
+        True, "log the best model to MLflow at the end (false: checkpoints only)"
+    )
     batch_size: int = _opt(8, "global batch size (split evenly across DDP ranks)")
     num_epochs: int = _opt(50, "epochs to train")
     learning_rate: float = _opt(1e-4, "AdamW learning rate")
@@ -60,6 +64,7 @@ class TrainConfig:
     resume: str | None = _opt(None, "'auto' (OUT_DIR/last.pt if present) or a checkpoint path")
     experiment: str = _opt("deblur-guard", "MLflow experiment name")
     tracking_uri: str | None = _opt(None, "MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    tracking_retry_s: float = _opt(30.0, "while the tracking server is down, retry every N s")
     guards: str = _opt("on", "off reproduces the original unguarded loop", ("on", "off"))
     detect_anomaly: bool = _opt(False, "torch.autograd anomaly mode (slow; debugging only)")
     inject_fault: str | None = _opt(None, FAULT_HELP)
@@ -107,7 +112,10 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ValueError(f"--resume {cfg.resume}: no such checkpoint; pass 'auto' or a file")
     from deblur_lib.checkpoint import load_checkpoint
 
-    saved = load_checkpoint(path).get("config", {})
+    try:
+        saved = load_checkpoint(path).get("config", {})
+    except ValueError as exc:
+        raise ValueError(f"--resume {cfg.resume}: {exc}; pass another file or 'auto'") from None
     for name in ("model_size", "model_width"):
         if name in saved and saved[name] != getattr(cfg, name):
             raise ValueError(
@@ -139,10 +147,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
     lr = cfg.learning_rate
     if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
-    for name in ("alpha", "beta", "grad_clip"):
+    for name in ("alpha", "beta", "grad_clip", "tracking_retry_s"):
         value = getattr(cfg, name)
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"--{name} must be a finite number >= 0 (got {value!r})")
+    if not cfg.experiment.strip():
+        raise ValueError("--experiment must not be empty (default: deblur-guard)")
+    if cfg.registered_model_name and not cfg.log_model:
+        raise ValueError("--registered_model_name needs --log_model true (or drop the name)")
     if cfg.alpha + cfg.beta <= 0:
         raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
     for f in dataclasses.fields(cfg):
@@ -160,6 +172,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 def _check_data(cfg: TrainConfig) -> None:
     from deblur_lib.data import DatasetError, PairedImageFolder
+    from deblur_lib.metrics import WIN_SIZE
 
     for flag, root in (("train_data", cfg.train_data), ("test_data", cfg.test_data)):
         if not Path(root).is_dir():
@@ -175,13 +188,19 @@ def _check_data(cfg: TrainConfig) -> None:
             raise ValueError(f"--{flag} {root}: {_one_line(problem)}") from None
         if len(ds) == 0:
             raise ValueError(f"--{flag} {root}: no image pairs found (expected blur/ and sharp/)")
-        if flag == "train_data":
-            smallest = min(min(size) for size in image_sizes(ds))
-            if cfg.crop_size > smallest:
-                raise ValueError(
-                    f"--crop_size {cfg.crop_size} is larger than the smallest "
-                    f"training image ({smallest} px); use --crop_size {smallest}"
-                )
+        sizes = image_sizes(ds)
+        smallest = min(min(size) for size in sizes)
+        if flag == "train_data" and cfg.crop_size > smallest:
+            raise ValueError(
+                f"--crop_size {cfg.crop_size} is larger than the smallest "
+                f"training image ({smallest} px); use --crop_size {smallest}"
+            )
+        if flag == "test_data" and smallest < WIN_SIZE:
+            name = ds.pairs[[min(size) for size in sizes].index(smallest)][1]
+            raise ValueError(
+                f"--test_data {root}: {name} is {smallest} px on a side; SSIM needs "
+                f"validation images of at least {WIN_SIZE} px (remove or enlarge it)"
+            )
 
 
 def image_sizes(dataset) -> list[tuple[int, int]]:
@@ -264,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from deblur_lib.data import DatasetError
     from deblur_lib.train import fit
 
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except DatasetError as exc:  # a file that passed the header check but cannot be decoded
+        problem = str(exc).split("\nexpected layout")[0]
+        print(f"{parser.prog}: error: {_one_line(problem)}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK if result.ok else EXIT_STOPPED

@@ -7,8 +7,11 @@ gloo on CPU). Without torchrun everything here is a no-op for a single process.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,3 +82,33 @@ def gather_strings(text: str) -> list[str]:
     out: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(out, text)
     return [str(t) for t in out]
+
+
+RANK_REPORT_ENV = "DEBLUR_RANK_REPORT_DIR"  # test hook, see write_rank_report
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes, in ``state_dict`` order (host copy)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_report(ctx: DistContext, model: torch.nn.Module, **facts: object) -> Path | None:
+    """Test hook: with ``$DEBLUR_RANK_REPORT_DIR`` set, every rank writes ``rank<R>.json`` there
+    (its weights digest plus ``facts``), so a test can check that ranks stayed identical.
+    Does nothing when the variable is unset."""
+    folder = os.environ.get(RANK_REPORT_ENV)
+    if not folder:
+        return None
+    path = Path(folder, f"rank{ctx.rank}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "weights_sha256": weights_digest(model),
+    }
+    path.write_text(json.dumps({**report, **facts}, indent=1, default=str))
+    return path

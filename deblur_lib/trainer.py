@@ -2,27 +2,24 @@
 
 Read top to bottom: ``run`` (resume, epochs, finish), ``_train_epoch`` / ``_train_step`` (one
 step in nanoGPT's order), ``_check_guard`` (the once-per-log-interval sync: rollback or stop),
-``_end_epoch`` (evaluate, schedule, checkpoint, log), then checkpoints and the final line.
+``_end_epoch`` (evaluate, schedule, checkpoint, log). Checkpoints, resume and the end of the
+run (figures, model, final line, ``TrainResult``) are in ``run_io.RunIO``, its mixin.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from deblur_lib import builders, distributed
-from deblur_lib.checkpoint import (
-    Progress,
-    load_checkpoint,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-    weights_finite,
-)
+from deblur_lib.checkpoint import Progress, load_checkpoint, weights_finite
 from deblur_lib.cli import TrainConfig
 from deblur_lib.evaluate import EvalReport, evaluate, evaluate_seed_style
 from deblur_lib.faults import FaultInjector
@@ -33,10 +30,14 @@ from deblur_lib.guards import (
     grad_norm_and_finite,
     masked_step,
 )
+from deblur_lib.run_io import RunIO
 from deblur_lib.tracking import Tracker
 from deblur_lib.train import TrainResult
 
-__all__ = ["StopTraining", "Trainer"]
+__all__ = ["STEP_DELAY_ENV", "StopTraining", "Trainer"]
+# Test hook: seconds to sleep after each training step, so a test can see a run's progress
+# bar move and kill it in the middle of an epoch (tests/test_resume.py). Unset in normal use.
+STEP_DELAY_ENV = "DEBLUR_STEP_DELAY_S"
 log = logging.getLogger("deblur_lib.train")  # the name users filter on
 
 
@@ -48,7 +49,7 @@ class StopTraining(Exception):
         self.reason, self.message = reason, message
 
 
-class Trainer:
+class Trainer(RunIO):
     """One training run (one process of it under DDP); ``run()`` returns the ``TrainResult``."""
 
     def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device):
@@ -65,9 +66,16 @@ class Trainer:
         self.eval_criterion = builders.build_criterion(cfg)  # its own counters
         self.guard = StepGuard(device)
         self.injector = FaultInjector(cfg.inject_fault, rank=ctx.rank)
-        self.tracker = Tracker(cfg.experiment, cfg.tracking_uri, cfg.out_dir, enabled=ctx.is_main)
+        self.tracker = Tracker(
+            cfg.experiment,
+            cfg.tracking_uri,
+            cfg.out_dir,
+            enabled=ctx.is_main,
+            retry_interval_s=cfg.tracking_retry_s,
+        )
         self.progress = Progress()
         self.last_batch: torch.Tensor | None = None  # rerun under NanDetector before a stop
+        self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0)
 
     def run(self) -> TrainResult:
         cfg, resumed = self.cfg, self._resume()  # _resume replaces self.progress
@@ -75,7 +83,12 @@ class Trainer:
         params = None if resumed else cfg.to_dict()  # params are logged once per run
         p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
         self.tracker.set_tags({"guards": cfg.guards})
-        if not resumed:
+        if self.ctx.is_main:
+            for text in self.loaders.range_warnings:
+                log.warning("data range: %s", text)
+        if resumed:
+            self._relog_last_epoch()
+        else:
             self._save(self.last_path)  # the rollback target until the first epoch ends
         reason, message = "completed", ""
         try:
@@ -92,27 +105,25 @@ class Trainer:
     # --- one epoch of steps -----------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> torch.Tensor:
         cfg, loader = self.cfg, self.loaders.train
-        builders.seed_all(cfg.seed + 10_000 * (epoch + 1) + self.ctx.rank)  # resumable epochs
-        loader.generator.manual_seed(cfg.seed + epoch)
-        if self.loaders.sampler is not None:
-            self.loaders.sampler.set_epoch(epoch)
+        builders.seed_all(cfg.seed + 10_000 * (epoch + 1))  # resumable epochs
+        self.loaders.sampler.set_epoch(epoch)  # the order and crops depend on (seed, epoch) only
         self.net.train()
-        # device-side sums over the steps taken: loss, steps, grad norm
-        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # device-side sums over the steps taken (loss, steps, grad norm), then MS-SSIM fallbacks
+        acc = torch.zeros(4, dtype=torch.float64, device=self.device)
         total = min(len(loader), cfg.max_steps_per_epoch or len(loader))
         bar = tqdm(
-            loader,
+            itertools.islice(loader, total),  # no batch loaded past --max_steps_per_epoch
             total=total,
             desc=f"epoch {epoch}",
             leave=False,
             dynamic_ncols=True,
             disable=not self.ctx.is_main,
         )
-        for i, (blur, sharp) in enumerate(bar):
-            if i >= total:
-                break
+        for blur, sharp in bar:
             self._train_step(blur, sharp, acc)
             self.progress.step += 1
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)  # test hook (STEP_DELAY_ENV), 0 in normal use
             if self.progress.step % cfg.log_every == 0:
                 self._check_guard(bar, acc)
         bar.close()
@@ -143,7 +154,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         taken = torch.stack([loss.detach().double(), torch.ones_like(acc[0]), norm.double()])
-        acc += torch.where(ok, taken.to(acc.device), torch.zeros_like(taken))
+        acc[:3] += torch.where(ok, taken.to(acc.device), torch.zeros_like(taken))
 
     def _check_guard(self, bar, acc: torch.Tensor) -> None:
         """Read the counters (note: a CPU-GPU sync point, once per log interval); roll back or
@@ -197,7 +208,10 @@ class Trainer:
     # --- end of epoch: evaluate, schedule, checkpoint, log ------------------------------------
     def _end_epoch(self, epoch: int, acc: torch.Tensor) -> None:
         cfg, p = self.cfg, self.progress
-        loss_sum, taken, norm_sum = distributed.all_reduce_sum_(acc).tolist()
+        stats = getattr(self.criterion, "stats", None)  # guards off: the seed's loss has none
+        if stats is not None:
+            acc[3] = stats["msssim_fallbacks"]  # summed over the ranks with the rest
+        loss_sum, taken, norm_sum, fallbacks = distributed.all_reduce_sum_(acc).tolist()
         rec: dict[str, float] = {
             "train_loss": loss_sum / taken if taken else math.nan,
             "grad_norm": norm_sum / taken if taken else math.nan,
@@ -205,13 +219,14 @@ class Trainer:
             "skipped_steps": self.guard.read()["skipped_total"],
             "rollbacks": p.rollbacks,
         }
-        if hasattr(self.criterion, "read_stats"):
-            rec["msssim_fallbacks"] = self.criterion.read_stats()["msssim_fallbacks"]
+        if stats is not None:
+            rec["msssim_fallbacks"] = int(fallbacks)  # this epoch's, all ranks
             self.criterion.reset_stats()
         report, valid = None, False
         if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.num_epochs - 1:
             report = self._validate(epoch)
             rec.update(val_valid_batches=report.n_valid, val_total_batches=report.n_total)
+            rec.update({f"val_skipped_{k}": v for k, v in report.skipped.items()})
             valid = not self.guarded or report.ok  # the original trusted whatever came
             if valid:
                 rec.update(val_loss=report.loss, val_psnr=report.psnr, val_ssim=report.ssim)
@@ -249,63 +264,3 @@ class Trainer:
         fn = evaluate if self.guarded else evaluate_seed_style
         args = (self.model, self.loaders.test, self.eval_criterion, self.device)
         return fn(*args, injector=self.injector, epoch=epoch)
-
-    # --- checkpoints, resume, the end ------------------------------------------------------
-    def _save(self, path: Path) -> None:
-        if self.ctx.is_main:
-            p = self.progress
-            p.run_id = self.tracker.run_id or p.run_id  # known late after a tracking outage
-            objects = (self.model, self.optimizer, self.scheduler, self.guard)
-            save_checkpoint(path, training_state(*objects, p, self.cfg.to_dict()), self.model)
-        distributed.barrier()  # every rank may read it next (rollback)
-
-    def _resume(self) -> bool:
-        cfg = self.cfg
-        if cfg.resume is None:
-            return False
-        path = self.last_path if cfg.resume == "auto" else Path(cfg.resume)
-        if not path.is_file():
-            log.info("--resume auto: no %s yet, starting a new run", path)
-            return False
-        ck = load_checkpoint(path, map_location=self.device)
-        p = restore_training_state(ck, self.model, self.optimizer, self.scheduler, self.guard)
-        p.run_id = p.run_id or None  # "" when the tracking server was down at the first start
-        self.progress = p
-        if self.ctx.is_main:
-            log.info(
-                f"resumed from {path}: epoch {p.epoch} done, continuing at epoch "
-                f"{p.epoch + 1} (MLflow run {p.run_id})"
-            )
-        return True
-
-    def _finish(self, reason: str, message: str) -> TrainResult:
-        cfg, p = self.cfg, self.progress
-        best = self.best_path if p.best_epoch is not None else None
-        if reason == "completed":
-            psnr = f"{p.best_psnr:.2f} dB at epoch {p.best_epoch}" if best else "none valid"
-            line = f"Training finished: {p.epoch + 1} epochs; best val_psnr {psnr}"
-        else:
-            line = f"Training stopped ({reason}): {message}"
-        if best is not None:
-            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
-        self.tracker.set_tags({"stop_reason": reason, "guards": cfg.guards, "stop_message": line})
-        if best is not None and self.ctx.is_main:
-            self.tracker.log_model(self.model, cfg.registered_model_name, self.loaders.example)
-        self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
-        if self.ctx.is_main:
-            log.log(logging.INFO if reason == "completed" else logging.WARNING, line)
-        return TrainResult(
-            stop_reason=reason,
-            message=line,
-            epochs_completed=p.epoch + 1,
-            global_step=p.step,
-            best_psnr=p.best_psnr if best else math.nan,
-            best_epoch=p.best_epoch,
-            best_checkpoint=best,
-            last_checkpoint=self.last_path if self.last_path.is_file() else None,
-            run_id=self.tracker.run_id or p.run_id,
-            skipped_steps=self.guard.read()["skipped_total"],
-            rollbacks=p.rollbacks,
-            history=p.history,
-            model=self.model.eval(),
-        )

@@ -7,6 +7,7 @@ same fault absorbed with guards on, rollback then stop, invalid validations, res
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -26,10 +27,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root, n_train=8, n_test=4, size=64, seed=0, progress=False)
-    return root
+def data(tiny_data) -> Path:
+    return tiny_data  # the session's 64 px dataset (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,8 @@ def data176(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def tracking_uri(mlflow_store) -> str:
+    return mlflow_store  # one sqlite store per session: creating its tables takes seconds
 
 
 @pytest.fixture
@@ -108,6 +107,11 @@ def test_normal_finish_logs_checkpoints_and_registers(cfg):
     assert _tags(cfg, result.run_id)["stop_reason"] == "completed"
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     assert client.search_model_versions("name='deblur-test'")
+    figures = {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    assert figures == {"figures/curves.png", "figures/triplets.png"}  # curves + triplets PNGs
+    for name in ("curves.png", "triplets.png"):
+        png = Path(client.download_artifacts(result.run_id, f"figures/{name}", cfg.out_dir))
+        assert png.read_bytes()[:4] == b"\x89PNG"
     ck = load_checkpoint(result.last_checkpoint)
     assert (
         ck["epoch"] == 1 and ck["run_id"] == result.run_id and ck["config"]["model_size"] == "tiny"
@@ -195,6 +199,33 @@ def test_resume_auto_continues_the_same_run(cfg):
     assert second.global_step == 2 * first.global_step
     argv = _argv(cfg, resume="auto", model_size="small", num_epochs=3)
     assert main(argv) == 2  # another architecture cannot load this checkpoint
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in the loop handles it."""
+
+
+def test_resume_logs_an_epoch_checkpointed_but_not_logged(cfg, monkeypatch):
+    """A crash between writing epoch 1's checkpoint and logging it: the resumed run logs
+    epoch 1 from the checkpoint's history, so MLflow and metrics.jsonl miss nothing."""
+    from deblur_lib.tracking import Tracker
+
+    real = Tracker.log_metrics
+
+    def killed_at_step_1(self, metrics, step, **kwargs):
+        if step == 1:
+            raise Killed
+        return real(self, metrics, step, **kwargs)
+
+    monkeypatch.setattr(Tracker, "log_metrics", killed_at_step_1)
+    with pytest.raises(Killed):
+        fit(replace(cfg, num_epochs=3))
+    monkeypatch.undo()
+    assert load_checkpoint(Path(cfg.out_dir, "last.pt"))["epoch"] == 1
+    result = fit(replace(cfg, num_epochs=3, resume="auto"))
+    assert [s for s, _ in _metrics(cfg, result.run_id)["train_loss"]] == [0, 1, 2]
+    lines = Path(cfg.out_dir, "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
