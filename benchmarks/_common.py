@@ -235,7 +235,7 @@ def step_harness(
     width: int | None = None,
     seed: int = 0,
 ) -> Any:
-    """An object carrying what ``deblur_lib.train._Trainer._train_step`` reads (``cfg``, ``net``,
+    """An object carrying what ``deblur_lib.trainer.Trainer._train_step`` reads (``cfg``, ``net``,
     ``model``, ``optimizer`` (fused AdamW, ``builders.build_optimizer``), ``criterion``
     (``CombinedLoss``), ``guard``, ``injector`` (no faults), ``progress``, ...), so that
     :func:`train_step` runs train.py's own step code. Same ``seed`` -> same initial weights.
@@ -282,49 +282,12 @@ def step_harness(
     )
 
 
-def _replica_train_step(self: Any, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.Tensor):
-    """A line-for-line copy of ``deblur_lib.trainer.Trainer._train_step`` (used only when that
-    method cannot be imported; tests/test_benchmarks.py checks that both give the same weights)."""
-    from deblur_lib.guards import all_ranks_ok, grad_norm_and_finite, masked_step
-
-    cfg, dev, inj, step = self.cfg, self.device, self.injector, self.progress.step
-    blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
-    if cfg.channels_last:
-        blur = blur.contiguous(memory_format=torch.channels_last)
-    blur, sharp = inj.batch(step, blur, sharp)
-    self.last_batch = blur
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-        out = self.net(blur)
-    out = inj.output(step, out.float())
-    loss = inj.loss(step, self.criterion(out, sharp))
-    loss.backward()
-    inj.grads(step, self.model)
-    norm, grads_ok = grad_norm_and_finite(self.model.parameters(), cfg.grad_clip or None)
-    if self.guarded:
-        ok = all_ranks_ok(grads_ok & torch.isfinite(loss.detach()))
-        self.guard.update(ok)
-        masked_step(self.optimizer, ~ok)
-    else:
-        ok = torch.ones((), dtype=torch.bool, device=dev)
-        self.optimizer.step()
-    self.optimizer.zero_grad(set_to_none=True)
-    taken = torch.stack([loss.detach().double(), torch.ones_like(acc[0]), norm.double()])
-    acc += torch.where(ok, taken.to(acc.device), torch.zeros_like(taken))
-
-
 def train_py_step() -> tuple[Callable[..., None], str]:
-    """(step function, where it comes from): the training loop's own ``_train_step`` method
-    (``deblur_lib.trainer.Trainer``, or ``deblur_lib.train._Trainer`` in older trees) when it
-    can be imported, else :func:`_replica_train_step`."""
-    import importlib
+    """(step function, where it comes from): the training loop's own ``_train_step``, so every
+    benchmark times exactly the step that ``fit`` runs."""
+    from deblur_lib.trainer import Trainer
 
-    for module, cls in (("deblur_lib.trainer", "Trainer"), ("deblur_lib.train", "_Trainer")):
-        try:
-            step = getattr(importlib.import_module(module), cls)._train_step
-        except (ImportError, AttributeError):
-            continue
-        return step, f"{module}.{cls}._train_step"
-    return _replica_train_step, "benchmarks._common._replica_train_step (loop not importable)"
+    return Trainer._train_step, "deblur_lib.trainer.Trainer._train_step"
 
 
 def make_batch(

@@ -89,23 +89,6 @@ def test_guard_overhead_counts_seed_checks_and_no_syncs_for_ours(tmp_path_factor
     assert result["guarded_and_unguarded_weights_identical"] is True
 
 
-def test_replica_step_matches_the_training_loop_step():
-    """The fallback copy in _common gives the same weights as the loop's own _train_step."""
-    step, origin = _common.train_py_step()
-    if step is _common._replica_train_step:
-        pytest.skip(f"the training loop's step is not importable ({origin})")
-    dev = torch.device("cpu")
-    batch = _common.make_batch(2, 32, dev)
-    ours = _common.step_harness("tiny", dev, guarded=True)
-    theirs = _common.step_harness("tiny", dev, guarded=True)
-    for _ in range(2):
-        step(theirs, *batch, theirs.acc)
-        _common._replica_train_step(ours, *batch, ours.acc)
-    for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(ours.acc, theirs.acc)
-
-
 def test_count_host_reads_counts_item_and_bool_and_restores_methods():
     original = torch.Tensor.item
     x = torch.ones(2)
