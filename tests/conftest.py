@@ -2,6 +2,7 @@
 
 ``tiny_data``: one synthetic 64 px dataset (8 train, 4 test pairs) for the whole session.
 ``mlflow_store``: one sqlite MLflow store for the session (creating its tables costs seconds).
+``one_thread``: torch at one intra-op thread for a module of small-tensor tests.
 ``fault_matrix``: rows appended by tests/test_faults.py; ``pytest_terminal_summary`` prints
 them as a table after the run (also without ``-s``).
 """
@@ -13,6 +14,17 @@ from pathlib import Path
 import pytest
 
 _MATRIX = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and immune to other processes on the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,7 @@ from deblur_lib.legacy import (
 )
 from deblur_lib.metrics import calculate_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

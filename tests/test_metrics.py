@@ -20,14 +20,7 @@ from deblur_lib.metrics import (
     ssim,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_pair(shape: tuple[int, ...], seed: int = 0, dtype=torch.float32):
