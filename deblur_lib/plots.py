@@ -132,6 +132,14 @@ def histogram(values: Sequence[float], xlabel: str, title: str = "", bins: int =
     return fig
 
 
+def _with_gaps(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Insert a NaN after each jump in ``steps`` (an epoch never logged), so the line breaks
+    there instead of joining across the missing epoch."""
+    gaps = np.flatnonzero(np.diff(steps) > 1)
+    filled = np.insert(values.astype(float), gaps + 1, np.nan)
+    return np.insert(steps.astype(float), gaps + 1, steps[gaps] + 1.0), filled
+
+
 def plot_curves(
     runs: Mapping[str, History],
     keys: Sequence[str] = ("lr", "val_psnr", "val_ssim", "val_loss"),
@@ -151,7 +159,7 @@ def plot_curves(
             bad = ~np.isfinite(values) | (np.abs(values) >= 1e300)
             good = np.where(bad, np.nan, values)
             style = ("-", "--", ":", "-.")[i % 4]
-            (line,) = ax.plot(steps, good, style, marker="o", ms=3, label=label)
+            (line,) = ax.plot(*_with_gaps(steps, good), style, marker="o", ms=3, label=label)
             zeros = values == 0.0
             if zeros.any() and ("psnr" in key or "ssim" in key):  # 0.0: the seed's failure value
                 ax.plot(steps[zeros], values[zeros], "s", color=line.get_color(), mfc="none")

@@ -76,3 +76,13 @@ def test_loss_grid_writes_nonfinite_values_as_text():
 
 def test_figure_png_is_a_png():
     assert plots.figure_png(plots.image_grid({"a": [_img()]})).startswith(b"\x89PNG")
+
+
+def test_plot_curves_breaks_the_line_at_an_epoch_never_logged():
+    """An invalid epoch is not logged; the curve must show a gap there, not join across it."""
+    history: History = {"val_psnr": (np.array([0, 1, 3, 4]), np.array([20.0, 21.0, 22.0, 23.0]))}
+    fig = plots.plot_curves({"run": history}, keys=("val_psnr",))
+    (line,) = fig.get_axes()[0].get_lines()[:1]
+    x, y = line.get_xdata(), line.get_ydata()
+    assert list(x) == [0, 1, 2, 3, 4]
+    assert np.isnan(y[2]) and np.isfinite(np.delete(y, 2)).all()
