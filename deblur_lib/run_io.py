@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from deblur_lib import artifacts, distributed
@@ -24,8 +25,28 @@ from deblur_lib.checkpoint import (
 )
 from deblur_lib.train import TrainResult
 
-__all__ = ["RunIO"]
+__all__ = ["RunIO", "archive_previous_run"]
 log = logging.getLogger("deblur_lib.train")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "figures")  # what a run writes in out_dir
+
+
+def archive_previous_run(out_dir: str | Path) -> Path | None:
+    """Move an earlier run's files out of the way of a fresh run in the same ``out_dir``.
+
+    A new run (no ``--resume``) would otherwise overwrite the earlier ``last.pt``/``best.pt``
+    and append to its ``metrics.jsonl``. They go to ``out_dir/previous/<UTC time>/``; returns
+    that folder, or None when there was nothing to move.
+    """
+    found = [Path(out_dir, name) for name in RUN_FILES if Path(out_dir, name).exists()]
+    if not found:
+        return None
+    dest = Path(out_dir, "previous", time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    while dest.exists():  # two fresh runs within one second
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for path in found:
+        path.rename(dest / path.name)
+    return dest
 
 
 class RunIO:
@@ -44,11 +65,17 @@ class RunIO:
         if self.ctx.is_main:
             for tmp in remove_stale_temp_files(cfg.out_dir) if Path(cfg.out_dir).is_dir() else []:
                 log.info("removed %s, a checkpoint write interrupted by a crash", tmp)
-        if cfg.resume is None:
-            return False
-        path = self.last_path if cfg.resume == "auto" else Path(cfg.resume)
-        if not path.is_file():
-            log.info("--resume auto: no %s yet, starting a new run", path)
+        path = None
+        if cfg.resume is not None:
+            path = self.last_path if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None or not path.is_file():
+            if path is not None:
+                log.info("--resume auto: no %s yet, starting a new run", path)
+            if self.ctx.is_main and (moved := archive_previous_run(cfg.out_dir)) is not None:
+                log.warning(
+                    "a new run in %s: the earlier run's files moved to %s", cfg.out_dir, moved
+                )
+            distributed.barrier()
             return False
         ck = load_checkpoint(path, map_location=self.device)
         p = restore_training_state(ck, self.model, self.optimizer, self.scheduler, self.guard)

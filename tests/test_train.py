@@ -201,6 +201,21 @@ def test_resume_auto_continues_the_same_run(cfg):
     assert main(argv) == 2  # another architecture cannot load this checkpoint
 
 
+def test_a_fresh_run_in_a_used_out_dir_moves_the_earlier_run_aside(cfg):
+    """Without --resume, the earlier run's checkpoints and metrics.jsonl are kept, not
+    overwritten or appended to."""
+    cfg = replace(cfg, log_model=False)
+    first = fit(cfg)
+    second = fit(cfg)
+    assert second.run_id != first.run_id
+    (old,) = Path(cfg.out_dir, "previous").iterdir()
+    assert load_checkpoint(old / "last.pt")["run_id"] == first.run_id
+    assert (old / "best.pt").is_file() and (old / "figures").is_dir()
+    for jsonl in (old / "metrics.jsonl", Path(cfg.out_dir, "metrics.jsonl")):
+        assert [json.loads(line)["step"] for line in jsonl.read_text().splitlines()] == [0]
+    assert load_checkpoint(second.last_checkpoint)["run_id"] == second.run_id
+
+
 class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing in the loop handles it."""
 
