@@ -126,6 +126,13 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Set each flag the user left unset (None) to its device- and size-dependent default."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def write(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Prepend the machine block, write ``args.out`` (JSON, NaN written as null) and print it."""
     full = {"benchmark": args._name, "machine": machine(args), **result}

@@ -172,9 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults.update(batch=default_cfg.batch_size, n_train=64, size=256, epochs=3)
         defaults.update(steps=50 if gpu else 6, warmup=10 if gpu else 1)
     defaults.update(amp="bf16" if gpu else "off", channels_last=int(gpu))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _common.fill_defaults(args, defaults)
     args.channels_last = bool(args.channels_last)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fit()

@@ -237,9 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults = {"preset": "base" if gpu else "small", "crop": 256 if gpu else 128, "batch": 8}
         defaults.update(steps=30 if gpu else 60, warmup=3 if gpu else 5)
     defaults.update(amp="bf16" if gpu else "off", channels_last=int(gpu))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _common.fill_defaults(args, defaults)
     args.channels_last = bool(args.channels_last)
     _common.write(args, run(args))
     return 0

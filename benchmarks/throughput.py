@@ -170,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         defaults = {"preset": "base" if gpu else "small", "crop": 256 if gpu else 128}
         defaults.update(batch=16 if gpu else 8, steps=20, warmup=2 if gpu else 3)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _common.fill_defaults(args, defaults)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fit()
     _common.write(args, run(args))
