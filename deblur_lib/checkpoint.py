@@ -6,6 +6,19 @@ torch, cuda), ``config`` (``TrainConfig.to_dict()``) and the fields of ``Progres
 (last completed, -1 before the first), ``step`` (global), ``run_id`` (MLflow), ``best_psnr``,
 ``best_epoch``, ``rollbacks``, ``invalid_epochs``, ``history`` (one record per epoch).
 
+Integrity (``FORMAT`` 2): torch's zip reader does not check the CRCs of tensor storages, so a
+flipped bit in a checkpoint would load as a silently different weight. ``save_checkpoint``
+therefore stores ``digest``, a SHA-256 (hex str) over the whole payload, every key but
+``digest`` itself: dicts in sorted key order, lists and tuples in order, scalars and strings
+by type and value, and each tensor by dtype, shape and the CRC-32 (``zlib.crc32``) of its
+bytes in row-major order (its contents, not its storage layout or device). CRC-32 rather than
+SHA-256 over the ~80 MB of a base-preset model and AdamW state: it is ~2.5x faster here, and
+it detects every error burst up to 32 bits long and all other corruption but one in 2**32.
+``load_checkpoint`` recomputes it: a mismatch raises the same ValueError as an unreadable
+file (naming the file and both digests), so ``--resume`` refuses it as it refuses a truncated
+file. Files of ``FORMAT`` 1 (no digest) still load, with a logged warning that they are
+unverified; a ``FORMAT`` 2 file without its digest is refused.
+
 Test hook: ``DEBLUR_CKPT_WRITE_DELAY_S=SECONDS`` makes ``save_checkpoint`` write half of the
 file, flush it, and sleep that long before writing the rest (and replacing the target), so
 a test can kill the process in the middle of a checkpoint write. Unset in normal use.
@@ -14,12 +27,15 @@ a test can kill the process in the middle of a checkpoint write. Unset in normal
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import logging
 import math
 import os
 import pickle
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT = 1
+FORMAT = 2  # 1: no digest; 2: ``digest`` (see the module docstring)
 WRITE_DELAY_ENV = "DEBLUR_CKPT_WRITE_DELAY_S"  # test hook, see the module docstring
 # What torch.load raises on a truncated or garbage file (zip reader, then the legacy unpickler)
 _UNREADABLE = (
     RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, IndexError, ValueError
 )  # fmt: skip
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,15 +109,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict, model: nn.Module | Non
     path = Path(path)
     if model is not None and not weights_finite(model):
         raise ValueError(f"refusing to write {path}: the model's weights are not finite")
+    payload = {k: v for k, v in state.items() if k != "digest"} | {"format": FORMAT}
+    payload["digest"] = state_digest(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
             if delay > 0:
-                _write_slowly(fh, {"format": FORMAT, **state}, delay)
+                _write_slowly(fh, payload, delay)
             else:
-                torch.save({"format": FORMAT, **state}, fh)
+                torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -144,9 +163,12 @@ def _alive(pid: int) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``: no pickled code).
+    """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``: no pickled code)
+    and check its digest; returns the state without ``digest``.
 
-    Raises ValueError naming the file when it is not such a checkpoint.
+    Raises ValueError naming the file when it is not such a checkpoint, or when its contents
+    do not match its digest (corrupted after it was written). A ``FORMAT`` 1 file (no digest)
+    loads with a logged warning.
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -154,7 +176,55 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a deblur-guard checkpoint (no 'model' entry)")
+    stored, fmt = state.pop("digest", None), state.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise ValueError(f"{path}: checkpoint format {fmt!r}; this deblur_lib reads 1 to {FORMAT}")
+    if stored is None and fmt == 1:
+        log.warning("%s: format 1 checkpoint without a digest: loaded unverified", path)
+    elif stored is None:
+        raise ValueError(f"{path}: not a readable checkpoint (format {fmt} but no digest)")
+    elif (computed := state_digest(state)) != stored:
+        raise ValueError(
+            f"{path}: not a readable checkpoint (digest mismatch: stored {stored}, computed "
+            f"{computed}; its contents changed after it was written)"
+        )
     return state
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 (hex) of ``state`` as the module docstring describes: what ``save_checkpoint``
+    stores as ``digest``. Deterministic across processes and devices."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    """Update ``h`` with a type-tagged, unambiguous encoding of ``obj`` (see ``state_digest``)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()  # note: a device-host copy for CUDA tensors
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(f"T{t.dtype}{tuple(t.shape)}{crc:08x};".encode())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, str):
+        data = obj.encode()
+        h.update(f"S{len(data)};".encode())
+        h.update(data)
+    elif isinstance(obj, bytes):
+        h.update(f"B{len(obj)};".encode())
+        h.update(obj)
+    elif obj is None or isinstance(obj, bool | int | float | complex | torch.dtype | torch.device):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())  # repr round-trips (nan, inf, -0.0)
+    else:
+        raise TypeError(f"checkpoint digest: cannot encode a {type(obj).__name__}: {obj!r:.80}")
 
 
 def rng_state() -> dict:

@@ -10,6 +10,9 @@ user reruns), each waiting on what the run writes, not on the clock:
 After each kill every checkpoint on disk loads; at the end the run has all planned epochs,
 each kill lost at most the epoch in progress, and MLflow holds one run (the same id
 throughout) with every epoch step exactly once.
+
+And a checkpoint corrupted after it was written (a flipped bit in its weights, which torch
+itself loads without a complaint): ``--resume auto`` refuses it by its digest.
 """
 
 from __future__ import annotations
@@ -18,16 +21,29 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from deblur_lib.checkpoint import WRITE_DELAY_ENV, load_checkpoint
+from deblur_lib import builders
+from deblur_lib.checkpoint import (
+    WRITE_DELAY_ENV,
+    Progress,
+    load_checkpoint,
+    save_checkpoint,
+    training_state,
+)
+from deblur_lib.cli import EXIT_USAGE, TrainConfig, main
+from deblur_lib.guards import StepGuard
+from deblur_lib.models import build_model
 from deblur_lib.trainer import STEP_DELAY_ENV
 
 EPOCHS = 4
@@ -88,9 +104,7 @@ def _jsonl_steps(out_dir: Path) -> list[int]:
 
 
 def _load_all(out_dir: Path) -> dict[str, dict]:
-    """Every checkpoint on disk must load (weights_only) and hold finite weights."""
-    import torch
-
+    """Every checkpoint on disk must load (weights_only, digest checked), finite weights only."""
     states = {}
     for path in sorted(out_dir.glob("*.pt")):
         state = load_checkpoint(path)
@@ -178,3 +192,45 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume(tiny_data, mlflow_stor
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # each epoch exactly once
+
+
+def test_resume_refuses_a_checkpoint_corrupted_after_it_was_written(tiny_data, tmp_path, capsys):
+    """One bit flipped in the middle of last.pt's largest tensor storage: torch.load returns the
+    changed weights without a complaint; ``--resume auto`` stops with a usage error naming
+    the file and the digest mismatch, before anything is trained or logged (without the
+    digest this run resumes and finishes: exit 0)."""
+    out_dir = tmp_path / "run"
+    cfg = TrainConfig(
+        train_data=str(tiny_data / "train"),
+        test_data=str(tiny_data / "test"),
+        out_dir=str(out_dir),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        model_size="tiny",
+        crop_size=32,
+        batch_size=2,
+        num_epochs=2,
+        max_steps_per_epoch=1,
+        device="cpu",
+        num_workers=0,
+        log_model=False,
+    )
+    model = build_model("tiny")
+    optimizer = builders.build_optimizer(model, cfg, torch.device("cpu"))
+    objects = (model, optimizer, builders.build_scheduler(optimizer, cfg), StepGuard())
+    path = out_dir / "last.pt"
+    save_checkpoint(path, training_state(*objects, Progress(epoch=0), cfg.to_dict()), model)
+    before = torch.load(path, weights_only=True)["model"]
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = max(zf.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else -1)
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    path.write_bytes(raw)
+    after = torch.load(path, weights_only=True)["model"]  # no error from torch
+    assert [k for k in before if not torch.equal(before[k], after[k])] != []
+
+    argv = [f"--{k}={v}" for k, v in cfg.to_dict().items() if v is not None] + ["--resume=auto"]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{path}: not a readable checkpoint (digest mismatch: stored " in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["last.pt"]  # nothing trained, logged
