@@ -5,6 +5,7 @@ Kept apart from the loop so each piece can be built (and tested) alone, e.g. in 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator
@@ -168,14 +169,18 @@ def build_net(
     cfg: TrainConfig, ctx: DistContext, device: torch.device
 ) -> tuple[nn.Module, nn.Module]:
     """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
-    wrapper under torchrun, else the model itself). Evaluate, checkpoint and diagnose ``model``."""
+    wrapper under torchrun, else the model itself; ``torch.compile``d with ``cfg.compile``).
+    Evaluate, checkpoint and diagnose ``model``."""
     model = build_model(cfg.model_size, cfg.model_width).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not ctx.enabled:
-        return model, model
-    ids = [device.index] if device.type == "cuda" else None
-    return model, DistributedDataParallel(model, device_ids=ids)
+    net: nn.Module = model
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:  # shares model's parameters; evaluation and checkpoints use model
+        net = torch.compile(net)
+    return model, net
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
@@ -185,14 +190,28 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """``plateau``: ReduceLROnPlateau(mode="max") on validation PSNR, stepped only with a
-    valid PSNR (guards on); ``cosine``: CosineAnnealingLR over ``num_epochs``, stepped per epoch."""
+    valid PSNR (guards on). ``cosine``: stepped after every training step; linear warm-up
+    from ``lr / warmup_steps`` to ``lr`` over ``cfg.warmup_steps`` steps, then a half cosine
+    to 0 at the last of ``num_epochs * steps_per_epoch`` steps (``cosine_warmup_factor``)."""
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", patience=cfg.patience
         )
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.num_epochs)
+    total = cfg.num_epochs * steps_per_epoch
+    factor = functools.partial(cosine_warmup_factor, warmup=cfg.warmup_steps, total=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_warmup_factor(step: int, warmup: int, total: int) -> float:
+    """LR multiplier at 0-based ``step``: (step + 1) / warmup during the warm-up, then
+    0.5 * (1 + cos(pi * t)) with t going from 0 to 1 over the remaining steps; in (0, 1]
+    before ``total``, 0 from ``total`` on."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def build_criterion(cfg: TrainConfig) -> nn.Module:

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
     amp: str = _opt("off", "bf16 autocast for the training step", ("off", "bf16"))
     channels_last: bool = _opt(False, "channels_last memory format (faster convs on GPU)")
+    compile: bool = _opt(False, "torch.compile the training forward (the first steps compile)")
     seed: int = _opt(0, "seeds python, numpy, torch and the data order")
     num_workers: int | None = _opt(None, "DataLoader workers (None = data.make_loader's choice)")
     alpha: float = _opt(0.84, "weight of the (1 - MS-SSIM) term")
@@ -69,6 +70,7 @@ class TrainConfig:
     detect_anomaly: bool = _opt(False, "torch.autograd anomaly mode (slow; debugging only)")
     inject_fault: str | None = _opt(None, FAULT_HELP)
     scheduler: str = _opt("plateau", "LR schedule", ("plateau", "cosine"))
+    warmup_steps: int = _opt(0, "cosine: linear LR warm-up over the first N steps")
     val_every: int = _opt(1, "validate every N epochs")
     log_every: int = _opt(10, "read device-side guard counters every N steps (a sync point)")
     max_steps_per_epoch: int | None = _opt(None, "cap on steps per epoch (smoke runs)")
@@ -139,6 +141,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "model_width": 4,
         "num_workers": 0,
         "max_steps_per_epoch": 1,
+        "warmup_steps": 0,
     }
     for name, low in at_least.items():
         value = getattr(cfg, name)
@@ -155,6 +158,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ValueError("--experiment must not be empty (default: deblur-guard)")
     if cfg.registered_model_name and not cfg.log_model:
         raise ValueError("--registered_model_name needs --log_model true (or drop the name)")
+    if cfg.warmup_steps and cfg.scheduler != "cosine":
+        raise ValueError(
+            f"--warmup_steps {cfg.warmup_steps} applies to --scheduler cosine only "
+            f"(got --scheduler {cfg.scheduler}); pass --warmup_steps 0 or --scheduler cosine"
+        )
     if cfg.alpha + cfg.beta <= 0:
         raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
     for f in dataclasses.fields(cfg):

@@ -61,7 +61,10 @@ class Trainer(RunIO):
         self.loaders = builders.build_loaders(cfg, ctx, device)
         self.model, self.net = builders.build_net(cfg, ctx, device)
         self.optimizer = builders.build_optimizer(self.model, cfg, device)
-        self.scheduler = builders.build_scheduler(self.optimizer, cfg)
+        n_batches = len(self.loaders.train)
+        self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
+        self.scheduler = builders.build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.per_step_schedule = cfg.scheduler == "cosine"
         self.criterion = builders.build_criterion(cfg)
         self.eval_criterion = builders.build_criterion(cfg)  # its own counters
         self.guard = StepGuard(device)
@@ -110,10 +113,9 @@ class Trainer(RunIO):
         self.net.train()
         # device-side sums over the steps taken (loss, steps, grad norm), then MS-SSIM fallbacks
         acc = torch.zeros(4, dtype=torch.float64, device=self.device)
-        total = min(len(loader), cfg.max_steps_per_epoch or len(loader))
         bar = tqdm(
-            itertools.islice(loader, total),  # no batch loaded past --max_steps_per_epoch
-            total=total,
+            itertools.islice(loader, self.steps_per_epoch),  # none past --max_steps_per_epoch
+            total=self.steps_per_epoch,
             desc=f"epoch {epoch}",
             leave=False,
             dynamic_ncols=True,
@@ -153,6 +155,8 @@ class Trainer(RunIO):
             ok = torch.ones((), dtype=torch.bool, device=dev)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.per_step_schedule:
+            self.scheduler.step()  # follows the step count, skipped steps included
         taken = torch.stack([loss.detach().double(), torch.ones_like(acc[0]), norm.double()])
         acc[:3] += torch.where(ok, taken.to(acc.device), torch.zeros_like(taken))
 
@@ -177,6 +181,10 @@ class Trainer(RunIO):
         ck = load_checkpoint(self.last_path, map_location=self.device)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.per_step_schedule:  # LambdaLR: lr = base_lr * factor(step) at every step
+            sched = self.scheduler
+            sched.base_lrs = [b * 0.5 for b in sched.base_lrs]
+            lr = sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.guard.reset_streak()
@@ -233,8 +241,6 @@ class Trainer(RunIO):
                 if cfg.scheduler == "plateau":
                     self.scheduler.step(report.psnr)  # guards off: NaN and 0.0 go in too
             p.invalid_epochs = 0 if valid else p.invalid_epochs + 1
-        if cfg.scheduler == "cosine":
-            self.scheduler.step()
         p.epoch = epoch
         p.history.append({"epoch": epoch, **rec})
         finite = weights_finite(self.model)  # note: a sync point, once per epoch

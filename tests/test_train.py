@@ -301,13 +301,15 @@ def test_stop_reasons_are_documented():
     }
 
 
-def test_training_steps_never_sync_with_the_device(cfg, monkeypatch):
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_training_steps_never_sync_with_the_device(cfg, monkeypatch, scheduler):
     """No .item()/bool()/.tolist() in a step, a NaN step included: the skip is decided on the
     device (fused AdamW's found_inf) and the counters are read only at the log interval."""
     from deblur_lib.distributed import DistContext
     from deblur_lib.trainer import Trainer
 
-    cfg = replace(cfg, inject_fault="nan_input@step=1")
+    warmup = 2 if scheduler == "cosine" else 0
+    cfg = replace(cfg, inject_fault="nan_input@step=1", scheduler=scheduler, warmup_steps=warmup)
     trainer = Trainer(cfg, DistContext(), torch.device("cpu"))
     batches = [b for _, b in zip(range(3), trainer.loaders.train, strict=False)]
     acc = torch.zeros(3, dtype=torch.float64)
@@ -323,3 +325,70 @@ def test_training_steps_never_sync_with_the_device(cfg, monkeypatch):
     monkeypatch.undo()
     assert trainer.guard.read()["skipped_total"] == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def _cosine_lrs(cfg: TrainConfig, steps_per_epoch: int, halvings: int = 0) -> list[float]:
+    """The lr each epoch should end with: the warm-up/cosine factor after its last step."""
+    from deblur_lib.builders import cosine_warmup_factor
+
+    total = cfg.num_epochs * steps_per_epoch
+    return [
+        cfg.learning_rate
+        * 0.5**halvings
+        * cosine_warmup_factor((e + 1) * steps_per_epoch, cfg.warmup_steps, total)
+        for e in range(cfg.num_epochs)
+    ]
+
+
+def test_cosine_warmup_is_stepped_per_step_and_resumes_on_schedule(cfg):
+    """8 training pairs / batch 4 = 2 steps per epoch: warm-up over 3 steps, then a cosine that
+    reaches 0 after the last step; a run resumed after epoch 0 ends each epoch on the same lr."""
+    cfg = replace(cfg, scheduler="cosine", warmup_steps=3, num_epochs=4, log_model=False)
+    whole = fit(cfg)
+    expected = _cosine_lrs(cfg, steps_per_epoch=2)
+    assert expected[0] == pytest.approx(1e-3) and expected[-1] == pytest.approx(0.0)
+    assert [h["lr"] for h in whole.history] == pytest.approx(expected)
+    assert [v for _, v in _metrics(cfg, whole.run_id)["lr"]] == pytest.approx(expected)
+    split = replace(cfg, out_dir=cfg.out_dir + "-split")
+    fit(replace(split, num_epochs=1))  # the schedule still spans num_epochs=1 here ...
+    resumed = fit(replace(split, resume="auto"))  # ... and 4 epochs after the resume
+    assert resumed.epochs_completed == 4 and resumed.global_step == 8
+    assert [h["lr"] for h in resumed.history][1:] == pytest.approx(expected[1:])
+
+
+def test_cosine_rollback_halves_the_schedule(cfg, caplog):
+    """A rollback halves the lr for the rest of the run, not only until the next step."""
+    cfg = replace(
+        cfg,
+        scheduler="cosine",
+        warmup_steps=1,
+        num_epochs=4,
+        inject_fault="nan_input@step=2,count=2",
+        max_bad_steps=1,
+        log_model=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="deblur_lib.train"):
+        result = fit(cfg)
+    assert result.ok and result.rollbacks == 1 and "rollback 1/3" in caplog.text
+    expected = _cosine_lrs(cfg, steps_per_epoch=2)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == pytest.approx(expected[0])  # before the rollback (epoch 1)
+    assert lrs[1:3] == pytest.approx([lr * 0.5 for lr in expected[1:3]])
+
+
+def test_cli_warmup_needs_the_cosine_scheduler(cfg, capsys):
+    assert main(_argv(cfg, warmup_steps=5)) == 2
+    assert "--warmup_steps 5 applies to --scheduler cosine only" in capsys.readouterr().err
+    assert not Path(cfg.out_dir).exists()
+
+
+def test_compile_trains_the_same_weights_it_checkpoints(cfg):
+    """--compile wraps only the training forward: checkpoints hold the plain model's keys
+    and its trained weights."""
+    cfg = replace(cfg, compile=True, max_steps_per_epoch=2, log_model=False)
+    result = fit(cfg)
+    assert result.ok and result.global_step == 2
+    saved = load_checkpoint(result.last_checkpoint)["model"]
+    assert set(saved) == set(build_model("tiny").state_dict())
+    assert all(torch.equal(saved[k], v) for k, v in result.model.state_dict().items())
+    assert saved["ending.weight"].abs().sum() > 0  # zero at init: the steps changed it
