@@ -20,7 +20,9 @@ Each reduced mode warns once per ``MSSSIMLoss`` instance.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,16 @@ CS_FLOOR = 1e-6
 one, at or below 0 it is 0 as the stock relu gives; the slope stays under
 ``(1 + w) * CS_FLOOR ** (w - 1)``."""
 _REDUCTIONS = ("mean", "none")
+_INTERNAL_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__)))
+
+
+def _outside_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside this file and torch, so a
+    warning names the line that called the loss, not ``torch/nn/modules/module.py``."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check(pred: Tensor, target: Tensor, reduction: str, who: str) -> None:
@@ -139,7 +151,7 @@ class MSSSIMLoss(nn.Module):
             what = f"using {scales} of {len(self.weights)} MS-SSIM scales, weights {w}"
         min_full = (WIN_SIZE - 1) * 2 ** (len(self.weights) - 1) + 1
         msg = f"MSSSIMLoss: {size} input is under {min_full} px; {what} (warned once)"
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=_outside_stacklevel())
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check(pred, target, self.reduction, "MSSSIMLoss")

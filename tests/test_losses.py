@@ -200,9 +200,18 @@ def test_reduced_modes_value_gradient_and_one_warning(size: int) -> None:
         value = loss_fn(p, target)
         loss_fn(p, target)  # second call: no second warning
     assert len(caught) == 1 and f"{size}x{size} px" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the caller's line, not torch's module.py
     value.sum().backward()
     assert torch.isfinite(p.grad).all()
     torch.testing.assert_close(value, _expected_msssim_term(pred, target), rtol=0, atol=1e-5)
+
+
+def test_combined_loss_warning_names_the_callers_line() -> None:
+    pred, target = _pair(2, 64, 64, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CombinedLoss()(pred, target)
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_floored_power_is_finite_and_exact_above_floor() -> None:
