@@ -255,7 +255,7 @@ class FaultInjector:
             )
         self._fired(("nan_grad",), step)
         with torch.no_grad():
-            param.grad.view(-1)[0] = float("nan")
+            param.grad[(0,) * param.grad.dim()] = float("nan")  # any layout (channels_last)
         return True
 
     def val_output(self, epoch: int, i: int, out: Tensor) -> Tensor:

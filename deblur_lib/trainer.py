@@ -58,6 +58,7 @@ class Trainer(RunIO):
         builders.seed_all(cfg.seed)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest convs
         self.loaders = builders.build_loaders(cfg, ctx, device)
         self.model, self.net = builders.build_net(cfg, ctx, device)
         self.optimizer = builders.build_optimizer(self.model, cfg, device)

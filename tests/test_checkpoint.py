@@ -123,6 +123,18 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     assert torch.equal(torch.rand(1), expected[2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rng_state_restores_from_a_checkpoint_mapped_to_cuda(tmp_path):
+    """``--resume`` on a GPU loads with map_location=cuda: the RNG tensors arrive on the GPU."""
+    path = save_checkpoint(tmp_path / "rng.pt", {"model": {}, "rng": rng_state()})
+    expected = (torch.rand(1), torch.rand(1, device="cuda"))
+    rng = load_checkpoint(path, map_location="cuda")["rng"]
+    assert rng["torch"].is_cuda and rng["numpy"]["keys"].is_cuda
+    set_rng_state(rng)
+    assert torch.equal(torch.rand(1), expected[0])
+    assert torch.equal(torch.rand(1, device="cuda"), expected[1])
+
+
 # --- the digest ------------------------------------------------------------------------------
 def _digest_state() -> dict:
     """Tensors of distinct byte sizes, so each one's zip member is found by its size."""

@@ -169,6 +169,18 @@ def test_nan_grad_writes_in_place_into_the_first_existing_grad():
     assert inj.injected == {"nan_grad": 1}
 
 
+def test_nan_grad_works_on_a_channels_last_model():
+    """channels_last gives (1, C, 1, 1) parameters grads that ``.view(-1)`` cannot flatten."""
+    from deblur_lib.models import build_model
+
+    model = build_model("tiny").to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert FaultInjector("nan_grad@step=0").grads(0, model)
+    first = next(p for p in model.parameters() if p.grad is not None)
+    assert torch.isnan(first.grad).sum() == 1
+
+
 @pytest.mark.parametrize(
     ("spec", "fires"),
     [

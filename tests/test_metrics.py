@@ -247,4 +247,5 @@ def test_cuda_matches_cpu_without_sync() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(p.cpu(), ref_p, rtol=0, atol=1e-6)
-    torch.testing.assert_close(s.cpu(), ref_s, rtol=0, atol=1e-6)
+    # float32 SSIM moves ~1e-6 with the order of the 11-tap sums, which differs on CUDA
+    torch.testing.assert_close(s.cpu(), ref_s, rtol=0, atol=1e-5)
