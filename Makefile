@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# every benchmark in turn, JSON to benchmarks/results/; on a GPU: make bench DEVICE=cuda
+DEVICE  ?= cpu
+BENCHES := guard_overhead throughput data_loading loss_metrics quality
+bench: $(STAMP)
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --device $(DEVICE) || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check deblur_lib tests benchmarks
