@@ -133,6 +133,34 @@ def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
+# --device cuda without params/gpu.yaml: the base preset at full size (sized for <= 20 min)
+GPU_FALLBACK = {
+    "n_train": 800,
+    "n_test": 50,
+    "image_size": 256,
+    "model_size": "base",
+    "num_epochs": 100,
+    "batch_size": 16,
+    "crop_size": 256,
+    "learning_rate": 1e-3,
+    "scheduler": "cosine",
+    "amp": "bf16",
+    "channels_last": True,
+}
+
+
+def gpu_params() -> tuple[dict[str, Any], str]:
+    """The GPU run's settings (papermill parameters: ``batch_size``, ``crop_size``,
+    ``num_workers``, ...) from ``params/gpu.yaml``, or ``GPU_FALLBACK`` when that file is
+    missing; and where they came from."""
+    import yaml
+
+    path = REPO / "params" / "gpu.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text()) or {}, str(path.relative_to(REPO))
+    return dict(GPU_FALLBACK), "benchmarks/_common.py GPU_FALLBACK (params/gpu.yaml not found)"
+
+
 def write(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Prepend the machine block, write ``args.out`` (JSON, NaN written as null) and print it."""
     full = {"benchmark": args._name, "machine": machine(args), **result}
@@ -244,7 +272,8 @@ def step_harness(
 ) -> Any:
     """An object carrying what ``deblur_lib.trainer.Trainer._train_step`` reads (``cfg``, ``net``,
     ``model``, ``optimizer`` (fused AdamW, ``builders.build_optimizer``), ``criterion``
-    (``CombinedLoss``), ``guard``, ``injector`` (no faults), ``progress``, ...), so that
+    (``CombinedLoss``), ``guard``, ``injector`` (no faults), ``progress``, no per-step
+    scheduler, ...), so that
     :func:`train_step` runs train.py's own step code. Same ``seed`` -> same initial weights.
 
     The criterion is ``CombinedLoss`` whether or not ``guarded``: ``--guards off`` in train.py
@@ -283,6 +312,8 @@ def step_harness(
         guard=StepGuard(device),
         injector=FaultInjector(None),
         progress=Progress(),
+        per_step_schedule=False,  # constant lr: no scheduler stepping inside the step
+        scheduler=None,
         guarded=guarded,
         last_batch=None,
         acc=torch.zeros(3, dtype=torch.float64, device=device),

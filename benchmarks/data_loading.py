@@ -1,14 +1,17 @@
 """Benchmark: images/s the data loader delivers vs what a training step consumes. Issue 6, item 3.
 
-    python benchmarks/data_loading.py                  # CPU: small preset, default crop 256
-    python benchmarks/data_loading.py --device cuda    # GPU: base preset, bf16 + channels_last
+    python benchmarks/data_loading.py                  # CPU: small preset, TrainConfig's sizes
+    python benchmarks/data_loading.py --device cuda    # GPU: params/gpu.yaml's batch/crop/workers
 
-A synthetic dataset (``synthesize(n_train=64, size=256)``) in a temporary folder is read by
-``PairedImageFolder(crop_size=<TrainConfig default>, augment=True)`` through
-``make_loader(batch, shuffle=True, device=...)`` at its default worker count (0 on a CPU
-device, min(4, cores - 1) on CUDA; pinned memory on CUDA), with and without ``cache=True``
-(``preload()`` first, so forked workers share one decoded copy). Loader rate: images over
-``--epochs`` epochs after one warm-up epoch (worker start-up, cache fill).
+A synthetic dataset (``synthesize(n_train, size=256)``) in a temporary folder is read by
+``PairedImageFolder(crop_size, augment=True)`` through ``make_loader(batch, shuffle=True,
+device=...)``, with and without ``cache=True`` (``preload()`` first, so forked workers share
+one decoded copy). Loader rate: images over ``--epochs`` epochs after one warm-up epoch (worker
+start-up, cache fill). Settings on the CPU: ``TrainConfig``'s batch and crop, make_loader's
+default workers (0 on a CPU device), 64 pairs. On CUDA: the GPU run's ``batch_size``,
+``crop_size`` and ``num_workers`` (``params/gpu.yaml`` via ``_common.gpu_params``; pinned
+memory), the base preset in bf16 + channels_last, and enough pairs for two batches per worker
+per epoch, so that the verdict describes the GPU run. ``config.defaults_from`` records which.
 
 Consumption: train.py's own guarded step on the same device, batch size and crop, on a fixed
 batch (images/s = batch / median step time). Also measured: the same step fed by the loader
@@ -124,6 +127,8 @@ def run(args) -> dict:
             "image_size": args.size,
             "crop": args.crop,
             "batch": args.batch,
+            "num_workers": args.workers,
+            "defaults_from": args.defaults_from,
             "preset": args.preset,
             "width": args.width,
             "amp": args.amp,
@@ -148,16 +153,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="model preset (default: small CPU, base GPU)")
     ap.add_argument("--width", type=int, default=None, help="override the preset's width")
     default_cfg = TrainConfig()
-    ap.add_argument("--batch", type=int, default=None, help=f"default {default_cfg.batch_size}")
-    ap.add_argument("--crop", type=int, default=None, help=f"default {default_cfg.crop_size}")
+    ap.add_argument(
+        "--batch", type=int, default=None, help=f"default {default_cfg.batch_size}, GPU: gpu.yaml's"
+    )
+    ap.add_argument(
+        "--crop", type=int, default=None, help=f"default {default_cfg.crop_size}, GPU: gpu.yaml's"
+    )
     ap.add_argument(
         "--amp", choices=["off", "bf16"], default=None, help="default: off CPU, bf16 GPU"
     )
     ap.add_argument("--channels_last", type=int, choices=[0, 1], default=None)
     ap.add_argument(
-        "--num_workers", dest="workers", type=int, default=None, help="default: make_loader's"
+        "--num_workers",
+        dest="workers",
+        type=int,
+        default=None,
+        help="default: make_loader's on CPU, gpu.yaml's on GPU",
     )
-    ap.add_argument("--n_train", type=int, default=None, help="synthetic pairs (default 64)")
+    ap.add_argument(
+        "--n_train",
+        type=int,
+        default=None,
+        help="synthetic pairs (default 64; GPU: >= 2 batches per worker)",
+    )
     ap.add_argument("--size", type=int, default=None, help="synthetic image side (default 256)")
     ap.add_argument("--epochs", type=int, default=None, help="timed loader epochs (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 6 CPU, 50 GPU)")
@@ -167,12 +185,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         defaults = {"preset": "tiny", "crop": 32, "batch": 2, "n_train": 4, "size": 48}
         defaults.update(epochs=1, steps=2, warmup=1)
+        args.defaults_from = "--quick sizes"
+    elif gpu:
+        params, args.defaults_from = _common.gpu_params()
+        defaults = {"preset": "base", "crop": params["crop_size"], "batch": params["batch_size"]}
+        workers = params.get("num_workers", -1)  # -1 (papermill's "None"): make_loader's default
+        defaults.update(workers=None if workers < 0 else workers)
+        defaults.update(size=256, epochs=3, steps=50, warmup=10)
     else:
-        defaults = {"preset": "base" if gpu else "small", "crop": default_cfg.crop_size}
-        defaults.update(batch=default_cfg.batch_size, n_train=64, size=256, epochs=3)
-        defaults.update(steps=50 if gpu else 6, warmup=10 if gpu else 1)
+        defaults = {"preset": "small", "crop": default_cfg.crop_size, "n_train": 64}
+        defaults.update(batch=default_cfg.batch_size, size=256, epochs=3, steps=6, warmup=1)
+        args.defaults_from = "TrainConfig defaults"
     defaults.update(amp="bf16" if gpu else "off", channels_last=int(gpu))
     _common.fill_defaults(args, defaults)
+    if args.n_train is None:  # GPU: two batches per worker per epoch (make_loader's default <= 4)
+        workers = 4 if args.workers is None else max(1, args.workers)
+        args.n_train = max(64, 2 * args.batch * workers)
     args.channels_last = bool(args.channels_last)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fit()

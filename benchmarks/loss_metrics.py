@@ -5,8 +5,10 @@
 1. Loss forward+backward on the same (8, 3, 256, 256) model-space batch, in one run:
    ``CombinedLoss`` (ours), ``SeedCombinedLoss`` (stock pytorch_msssim + Charbonnier, no guard)
    and ``SeedGuardedLoss`` (the seed's fix 1: Python NaN checks, try/except). Interleaved (one
-   iteration of each per round, order rotated every round) so that load changes hit all alike;
-   medians over ``--iters`` (>= 50) rounds after warm-up. Target: ours <= 1.05x stock on CPU.
+   sample of each per round, order rotated every round) so that load changes hit all alike;
+   a sample is ``--block`` back-to-back calls synced only at its ends (10 on CUDA), so a host
+   sync inside a loss costs what it costs in training; medians over ``--iters`` (>= 50) rounds
+   after warm-up. Target: ours <= 1.05x stock on CPU.
 2. Metrics on a (32, 3, 256, 256) metric-space batch: ``psnr`` + ``ssim`` vs a per-image loop of
    ``peak_signal_noise_ratio`` + ``structural_similarity`` (the parity settings), the loop
    including the tensor -> HWC numpy conversion. Target: >= 2x on 2 CPU cores (>= 100x on a
@@ -50,7 +52,9 @@ def _images(shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor
     return restored, sharp
 
 
-def bench_loss(device: torch.device, shape: Sequence[int], iters: int) -> dict[str, Any]:
+def bench_loss(
+    device: torch.device, shape: Sequence[int], iters: int, block: int
+) -> dict[str, Any]:
     pred01, target01 = _images(shape, seed=0)
     pred0, target = (pred01 * 2 - 1).to(device), (target01 * 2 - 1).to(device)
     losses = {
@@ -70,13 +74,14 @@ def bench_loss(device: torch.device, shape: Sequence[int], iters: int) -> dict[s
 
     for it in range(WARMUP + iters):
         for name in names[it % 3 :] + names[: it % 3]:  # rotate the order every round
-            t = _common.timed(lambda name=name: step(name), device)
+            t = _common.timed_block(lambda name=name: step(name), device, block)
             if it >= WARMUP:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "shape": list(shape),
         "iterations": iters,
+        "calls_per_sample": block,
         "loss_values": {k: float(v) for k, v in values.items()},
         "time": {k: _common.summary(v) for k, v in times.items()},
         "ratio_guarded_vs_stock": med["guarded_combined"] / med["stock_seed_combined"],
@@ -143,7 +148,7 @@ def run(args: Any) -> dict[str, Any]:
     metric_shape = QUICK_METRIC_SHAPE if args.quick else METRIC_SHAPE
     iters, metric_iters = (3, 2) if args.quick else (args.iters, args.metric_iters)
     threads = torch.get_num_threads()
-    loss = bench_loss(device, loss_shape, iters)
+    loss = bench_loss(device, loss_shape, iters, args.block)
     metrics = bench_metrics(device, metric_shape, metric_iters, threads)
     on_gpu = device.type == "cuda"
     metrics_1 = (

@@ -6,10 +6,10 @@ Issue 6, item 5.
 
 Settings: the defaults of the ``parameters`` cell of ``notebooks/05_train.ipynb`` (what
 ``make demo`` runs: the README's demo budget), overridden on ``--device cuda`` by
-``params/gpu.yaml`` (or ``GPU_FALLBACK`` when that file is missing), and by ``--params FILE``
-when given (e.g. ``--params params/cpu.yaml``, the hour-long CPU run). The files are papermill
-parameter files: notebook parameter names (``n_train``, ``image_size``, ``steps_per_epoch``,
-...) or ``TrainConfig`` field names.
+``params/gpu.yaml`` (``_common.gpu_params``: ``GPU_FALLBACK`` when that file is missing), or by
+``--params FILE`` when given (e.g. ``--params params/cpu.yaml``, the hour-long CPU run). The
+files are papermill parameter files: notebook parameter names (``n_train``, ``image_size``,
+``steps_per_epoch``, ...) or ``TrainConfig`` field names.
 
 The dataset is ``synthesize(n_train, n_test, image_size, seed)`` under ``data/bench_quality/``
 (git-ignored, reused). Training is ``deblur_lib.train.fit`` (guards on; MLflow to a temporary
@@ -40,7 +40,6 @@ from deblur_lib.cli import TrainConfig
 from deblur_lib.data import synthesize
 
 NOTEBOOK = _common.REPO / "notebooks" / "05_train.ipynb"
-PARAMS = _common.REPO / "params"
 DATA = _common.REPO / "data" / "bench_quality"
 # without notebooks/05_train.ipynb: the small preset, a few epochs (~10 min on 2 idle cores)
 CPU_FALLBACK = {
@@ -53,20 +52,6 @@ CPU_FALLBACK = {
     "crop_size": 128,
     "learning_rate": 1e-3,
     "scheduler": "cosine",
-}
-# --device cuda without params/gpu.yaml: the base preset at full size (sized for <= 20 min)
-GPU_FALLBACK = {
-    "n_train": 800,
-    "n_test": 50,
-    "image_size": 256,
-    "model_size": "base",
-    "num_epochs": 100,
-    "batch_size": 16,
-    "crop_size": 256,
-    "learning_rate": 1e-3,
-    "scheduler": "cosine",
-    "amp": "bf16",
-    "channels_last": True,
 }
 # notebook parameter name -> (TrainConfig field, value that means "None")
 RENAMED = {"steps_per_epoch": ("max_steps_per_epoch", 0)}
@@ -97,15 +82,15 @@ def resolve_params(device: str, params_file: Path | None) -> tuple[dict[str, Any
     else:
         settings.update(CPU_FALLBACK)
         sources.append("benchmarks/quality.py CPU_FALLBACK (notebooks/05_train.ipynb not found)")
-    file = params_file or (PARAMS / "gpu.yaml" if device == "cuda" else None)
-    if file is not None and file.is_file():
-        settings.update(yaml.safe_load(file.read_text()) or {})
-        sources.append(str(file))
-    elif params_file is not None:
-        raise FileNotFoundError(f"--params {params_file}: no such file")
+    if params_file is not None:
+        if not params_file.is_file():
+            raise FileNotFoundError(f"--params {params_file}: no such file")
+        settings.update(yaml.safe_load(params_file.read_text()) or {})
+        sources.append(str(params_file))
     elif device == "cuda":
-        settings.update(GPU_FALLBACK)
-        sources.append("benchmarks/quality.py GPU_FALLBACK (params/gpu.yaml not found)")
+        gpu, source = _common.gpu_params()
+        settings.update(gpu)
+        sources.append(source)
     settings["device"] = device
     return settings, sources
 

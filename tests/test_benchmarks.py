@@ -87,6 +87,12 @@ def test_guard_overhead_counts_seed_checks_and_no_syncs_for_ours(tmp_path_factor
     checks = result["config"]["seed_style_checks_per_step"]
     assert syncs["seed_style"]["tensor_method_calls_per_step"] == checks
     assert result["guarded_and_unguarded_weights_identical"] is True
+    assert result["guarded_vs_unguarded_max_abs_weight_diff"] == 0.0
+
+
+def test_gpu_params_has_the_loader_settings():
+    params, source = _common.gpu_params()
+    assert {"batch_size", "crop_size"} <= set(params), source
 
 
 def test_count_host_reads_counts_item_and_bool_and_restores_methods():
