@@ -216,7 +216,7 @@ def test_resume_refuses_a_checkpoint_corrupted_after_it_was_written(tiny_data, t
     )
     model = build_model("tiny")
     optimizer = builders.build_optimizer(model, cfg, torch.device("cpu"))
-    objects = (model, optimizer, builders.build_scheduler(optimizer, cfg), StepGuard())
+    objects = (model, optimizer, builders.build_scheduler(optimizer, cfg, 1), StepGuard())
     path = out_dir / "last.pt"
     save_checkpoint(path, training_state(*objects, Progress(epoch=0), cfg.to_dict()), model)
     before = torch.load(path, weights_only=True)["model"]
