@@ -144,6 +144,9 @@ GPU_FALLBACK = {
     "crop_size": 256,
     "learning_rate": 1e-3,
     "scheduler": "cosine",
+    "warmup_steps": 200,
+    "alpha": 0.16,
+    "beta": 0.84,
     "amp": "bf16",
     "channels_last": True,
 }

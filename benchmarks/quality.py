@@ -7,9 +7,10 @@ Issue 6, item 5.
 Settings: the defaults of the ``parameters`` cell of ``notebooks/05_train.ipynb`` (what
 ``make demo`` runs: the README's demo budget), overridden on ``--device cuda`` by
 ``params/gpu.yaml`` (``_common.gpu_params``: ``GPU_FALLBACK`` when that file is missing), or by
-``--params FILE`` when given (e.g. ``--params params/cpu.yaml``, the hour-long CPU run). The
-files are papermill parameter files: notebook parameter names (``n_train``, ``image_size``,
-``steps_per_epoch``, ...) or ``TrainConfig`` field names.
+``--params FILE`` when given (e.g. ``--params params/cpu.yaml``, the hour-long CPU run), then
+by ``--set KEY=VALUE`` (e.g. ``--set alpha=0.84 --set beta=0.16``: the seed's loss weights).
+The files are papermill parameter files: notebook parameter names (``n_train``,
+``image_size``, ``steps_per_epoch``, ...) or ``TrainConfig`` field names.
 
 The dataset is ``synthesize(n_train, n_test, image_size, seed)`` under ``data/bench_quality/``
 (git-ignored, reused). Training is ``deblur_lib.train.fit`` (guards on; MLflow to a temporary
@@ -50,8 +51,11 @@ CPU_FALLBACK = {
     "num_epochs": 12,
     "batch_size": 8,
     "crop_size": 128,
-    "learning_rate": 1e-3,
+    "learning_rate": 2e-3,
     "scheduler": "cosine",
+    "warmup_steps": 30,
+    "alpha": 0.16,
+    "beta": 0.84,
 }
 # notebook parameter name -> (TrainConfig field, value that means "None")
 RENAMED = {"steps_per_epoch": ("max_steps_per_epoch", 0)}
@@ -124,8 +128,27 @@ def _summary(df, method: str) -> dict[str, Any]:
     }
 
 
+def apply_overrides(settings: dict[str, Any], pairs: Sequence[str]) -> list[str]:
+    """Apply ``KEY=VALUE`` pairs (VALUE read as YAML: ``0.16``, ``true``, ``cosine``) to
+    ``settings`` in place; KEY must be a known setting or a ``TrainConfig`` field."""
+    known = set(settings) | set(TrainConfig.__dataclass_fields__)
+    applied = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(
+                f"--set {pair!r}: expected KEY=VALUE with KEY a notebook parameter or "
+                f"TrainConfig field, e.g. --set alpha=0.84"
+            )
+        settings[key] = yaml.safe_load(text)
+        applied.append(f"{key}={settings[key]!r}")
+    return applied
+
+
 def run(args) -> dict:
     settings, sources = resolve_params(args.device, args.params)
+    if args.set:
+        sources.append("--set " + " ".join(apply_overrides(settings, args.set)))
     if args.quick:
         settings.update(n_train=4, n_test=2, image_size=64, model_size="tiny", num_epochs=1)
         settings.update(batch_size=2, crop_size=32, steps_per_epoch=2, n_tune=1)
@@ -201,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(__doc__.splitlines()[0], "quality")
     ap.add_argument("--params", type=Path, default=None, help="a papermill parameter YAML")
     ap.add_argument("--data_dir", type=Path, default=None, help="default data/bench_quality/...")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
     args = _common.setup(ap, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device == "cuda":

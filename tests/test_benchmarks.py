@@ -38,7 +38,10 @@ SCRIPTS = {
     ),
     "throughput": (["--no_compile"], {"config", "variants", "target"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
-    "quality": (["--data_dir", "{tmp}/data"], {"settings", "fit", "test", "gains", "target"}),
+    "quality": (
+        ["--data_dir", "{tmp}/data", "--set", "beta=0.5"],
+        {"settings", "fit", "test", "gains", "target"},
+    ),
 }
 
 
@@ -112,3 +115,20 @@ def test_summary_and_peak_memory():
     assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["n"] == 3
     peak = _common.peak_memory_mib(torch.device("cpu"))
     assert peak is None or peak > 0
+
+
+def test_quality_set_overrides_reach_the_training_config(tmp_path_factory):
+    result = _run("quality", tmp_path_factory)
+    assert result["settings"]["beta"] == 0.5 and result["train_config"]["beta"] == 0.5
+    assert "--set beta=0.5" in result["settings_from"]
+
+
+def test_quality_set_rejects_unknown_keys_and_reads_yaml_values():
+    import quality
+
+    settings = {"n_train": 240}
+    assert quality.apply_overrides(settings, ["alpha=0.84", "amp=bf16", "compile=true"])
+    assert settings == {"n_train": 240, "alpha": 0.84, "amp": "bf16", "compile": True}
+    for bad in ("alpha", "lr=0.1", "=3"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            quality.apply_overrides(settings, [bad])
