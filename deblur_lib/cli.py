@@ -115,15 +115,21 @@ def _check_resume(cfg: TrainConfig) -> None:
     from deblur_lib.checkpoint import load_checkpoint
 
     try:
-        saved = load_checkpoint(path).get("config", {})
+        state = load_checkpoint(path)
     except ValueError as exc:
         raise ValueError(f"--resume {cfg.resume}: {exc}; pass another file or 'auto'") from None
-    for name in ("model_size", "model_width"):
+    saved = state.get("config", {})
+    for name in ("model_size", "model_width", "scheduler"):
         if name in saved and saved[name] != getattr(cfg, name):
             raise ValueError(
                 f"--resume {path}: it was trained with --{name} {saved[name]}, "
                 f"not {getattr(cfg, name)}; pass the same value"
             )
+    if cfg.scheduler == "cosine" and "lr_lambdas" not in state.get("scheduler", {"lr_lambdas": 0}):
+        raise ValueError(
+            f"--resume {path}: written by an older deblur_lib whose cosine schedule stepped "
+            "per epoch; it cannot continue on the per-step schedule: start a fresh run"
+        )
 
 
 def _check_ranges(cfg: TrainConfig) -> None:

@@ -178,6 +178,33 @@ def test_resume_with_another_architecture(tiny_data, workdir, capsys):
     assert _snapshot(workdir) == before  # last.pt, metrics.jsonl and the store untouched
 
 
+def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
+    """A scheduler's state only fits its own kind; a per-epoch CosineAnnealingLR state (before
+    the per-step cosine) cannot continue either. Both exit 2 before anything is written."""
+    import torch
+
+    from deblur_lib.checkpoint import load_checkpoint, save_checkpoint
+    from deblur_lib.train import fit
+
+    cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
+    fit(cfg)  # --scheduler plateau, the default
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert "trained with --scheduler plateau, not cosine" in capsys.readouterr().err
+    assert _snapshot(workdir) == before
+
+    last = Path(cfg.out_dir, "last.pt")
+    state = load_checkpoint(last)
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    state["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3).state_dict()
+    state["config"]["scheduler"] = "cosine"
+    save_checkpoint(last, state)
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert "cosine schedule stepped per epoch" in capsys.readouterr().err
+    assert _snapshot(workdir) == before
+
+
 def test_undecodable_file_found_while_training_exits_2_naming_it(tiny_data, workdir, capsys):
     data = workdir / "data"
     shutil.copytree(tiny_data / "train", data / "train")
