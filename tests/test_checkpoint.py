@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from deblur_lib.builders import build_scheduler
 from deblur_lib.checkpoint import (
     FORMAT,
     WRITE_DELAY_ENV,
@@ -281,12 +282,11 @@ def test_a_full_training_state_verifies(tmp_path, scheduler):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(1, 3, 16, 16)).square().mean().backward()
     optimizer.step()
-    if scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
-    else:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
+    cfg = TrainConfig(scheduler=scheduler, warmup_steps=2 if scheduler == "cosine" else 0)
+    sched = build_scheduler(optimizer, cfg, steps_per_epoch=3)  # what the trainer saves
+    sched.step(*([20.0] if scheduler == "plateau" else []))
     progress = Progress(epoch=0, step=1, history=[{"epoch": 0, "val_psnr": float("nan")}])
-    state = training_state(model, optimizer, sched, StepGuard(), progress, TrainConfig().to_dict())
+    state = training_state(model, optimizer, sched, StepGuard(), progress, cfg.to_dict())
     path = save_checkpoint(tmp_path / "last.pt", state, model)
     loaded = load_checkpoint(path)
     assert state_digest(loaded) == torch.load(path, weights_only=True)["digest"]
