@@ -29,6 +29,7 @@ from pathlib import Path
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
+from deblur_lib.builders import configure_backends
 from deblur_lib.cli import TrainConfig
 from deblur_lib.data import PairedImageFolder, make_loader, synthesize
 
@@ -202,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers = 4 if args.workers is None else max(1, args.workers)
         args.n_train = max(64, 2 * args.batch * workers)
     args.channels_last = bool(args.channels_last)
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fit()
+    configure_backends(torch.device(args.device))  # as fit()
     _common.write(args, run(args))
     return 0
 

@@ -32,6 +32,7 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
+from deblur_lib.builders import configure_backends
 from deblur_lib.guards import all_ranks_ok, grad_norm_and_finite, masked_step
 
 VARIANTS = ("unguarded", "guarded", "seed_style")
@@ -247,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults.update(amp="bf16" if gpu else "off", channels_last=int(gpu))
     _common.fill_defaults(args, defaults)
     args.channels_last = bool(args.channels_last)
+    configure_backends(torch.device(args.device))  # as fit()
     _common.write(args, run(args))
     return 0
 

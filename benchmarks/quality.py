@@ -229,8 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = _common.setup(ap, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     _common.write(args, run(args))
     return 0
 

@@ -34,6 +34,8 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
+from deblur_lib.builders import configure_backends
+
 EAGER = {
     "fp32": ("off", False),
     "bf16": ("bf16", False),
@@ -177,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults = {"preset": "base" if gpu else "small", "crop": 256 if gpu else 128}
         defaults.update(batch=16 if gpu else 8, steps=20, warmup=2 if gpu else 3)
     _common.fill_defaults(args, defaults)
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fit()
+    configure_backends(torch.device(args.device))  # as fit()
     _common.write(args, run(args))
     return 0
 

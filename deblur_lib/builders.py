@@ -23,6 +23,15 @@ from deblur_lib.distributed import DistContext
 from deblur_lib.models import build_model
 
 
+def configure_backends(device: torch.device) -> None:
+    """What training sets on CUDA (the benchmarks call it too, to time the same kernels): TF32
+    matmuls and convolutions, and cuDNN autotuning (training crops have one fixed size).
+    Nothing on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -125,7 +125,8 @@ def _check_resume(cfg: TrainConfig) -> None:
                 f"--resume {path}: it was trained with --{name} {saved[name]}, "
                 f"not {getattr(cfg, name)}; pass the same value"
             )
-    if cfg.scheduler == "cosine" and "lr_lambdas" not in state.get("scheduler", {"lr_lambdas": 0}):
+    old_cosine = "scheduler" in state and "lr_lambdas" not in state["scheduler"]
+    if cfg.scheduler == "cosine" and old_cosine:
         raise ValueError(
             f"--resume {path}: written by an older deblur_lib whose cosine schedule stepped "
             "per epoch; it cannot continue on the per-step schedule: start a fresh run"

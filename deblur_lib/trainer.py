@@ -56,9 +56,7 @@ class Trainer(RunIO):
         self.cfg, self.ctx, self.device, self.guarded = cfg, ctx, device, cfg.guards == "on"
         self.last_path, self.best_path = Path(cfg.out_dir, "last.pt"), Path(cfg.out_dir, "best.pt")
         builders.seed_all(cfg.seed)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest convs
+        builders.configure_backends(device)
         self.loaders = builders.build_loaders(cfg, ctx, device)
         self.model, self.net = builders.build_net(cfg, ctx, device)
         self.optimizer = builders.build_optimizer(self.model, cfg, device)
@@ -182,10 +180,8 @@ class Trainer(RunIO):
         ck = load_checkpoint(self.last_path, map_location=self.device)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        if self.per_step_schedule:  # LambdaLR: lr = base_lr * factor(step) at every step
-            sched = self.scheduler
-            sched.base_lrs = [b * 0.5 for b in sched.base_lrs]
-            lr = sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch)
+        if self.per_step_schedule:  # LambdaLR resets lr to base_lr * factor at every step
+            self.scheduler.base_lrs = [b * 0.5 for b in self.scheduler.base_lrs]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.guard.reset_streak()

@@ -88,3 +88,15 @@ def test_figures_are_pngs(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one"):
         artifacts.triplets_png(build_model("tiny"), [], tmp_path / "x.png")
+
+
+def test_configure_backends_touches_nothing_off_cuda():
+    from deblur_lib.builders import configure_backends
+
+    flags = ("benchmark", "allow_tf32")
+    before = [getattr(torch.backends.cudnn, f) for f in flags]
+    before.append(torch.backends.cuda.matmul.allow_tf32)
+    configure_backends(torch.device("cpu"))
+    after = [getattr(torch.backends.cudnn, f) for f in flags]
+    after.append(torch.backends.cuda.matmul.allow_tf32)
+    assert after == before
