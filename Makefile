@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m deblur_lib.demo
+	$(PY) -m deblur_lib.notebook
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -261,7 +261,7 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return None if kib is None else kib / 1024
 
 
-# --- train.py's training step, without loaders, tracking or checkpoints -----------------------
+# --- the training loop's step, without loaders, tracking or checkpoints --------------------
 def step_harness(
     preset: str,
     device: torch.device,
@@ -273,25 +273,22 @@ def step_harness(
     width: int | None = None,
     seed: int = 0,
 ) -> Any:
-    """An object carrying what ``deblur_lib.trainer.Trainer._train_step`` reads (``cfg``, ``net``,
-    ``model``, ``optimizer`` (fused AdamW, ``builders.build_optimizer``), ``criterion``
-    (``CombinedLoss``), ``guard``, ``injector`` (no faults), ``progress``, no per-step
-    scheduler, ...), so that
-    :func:`train_step` runs train.py's own step code. Same ``seed`` -> same initial weights.
+    """An object carrying what ``deblur_lib.train.loop.Trainer._train_step`` reads (``cfg``,
+    ``net``, ``model``, ``optimizer`` (fused AdamW, ``loop.build_optimizer``), ``loss_fn``
+    (``CombinedLoss``), ``guard``, no per-step scheduler, ...), so that
+    :func:`train_step` runs the loop's own step code. Same ``seed`` -> same initial weights.
 
-    The criterion is ``CombinedLoss`` whether or not ``guarded``: ``--guards off`` in train.py
+    The criterion is ``CombinedLoss`` whether or not ``guarded``: ``--guards off`` in the loop
     also swaps in the seed's loss, whose cost benchmarks/loss_metrics.py measures on its own;
     here only the step guard differs.
     """
     from types import SimpleNamespace
 
-    from deblur_lib import builders
-    from deblur_lib.checkpoint import Progress
-    from deblur_lib.cli import TrainConfig
-    from deblur_lib.distributed import DistContext
-    from deblur_lib.faults import FaultInjector
     from deblur_lib.guards import StepGuard
     from deblur_lib.losses import CombinedLoss
+    from deblur_lib.train import loop
+    from deblur_lib.train.config import TrainConfig
+    from deblur_lib.train.distributed import DistContext
 
     cfg = TrainConfig(
         model_size=preset,
@@ -303,18 +300,16 @@ def step_harness(
         device=device.type,
     )
     torch.manual_seed(seed)
-    model, net = builders.build_net(cfg, DistContext(), device)
+    model, net = loop.build_net(cfg, DistContext(), device)
     return SimpleNamespace(
         cfg=cfg,
         device=device,
         ctx=DistContext(),
         model=model,
         net=net,
-        optimizer=builders.build_optimizer(model, cfg, device),
-        criterion=CombinedLoss(cfg.alpha, cfg.beta),
+        optimizer=loop.build_optimizer(model, cfg, device),
+        loss_fn=CombinedLoss(cfg.alpha, cfg.beta),
         guard=StepGuard(device),
-        injector=FaultInjector(None),
-        progress=Progress(),
         per_step_schedule=False,  # constant lr: no scheduler stepping inside the step
         scheduler=None,
         guarded=guarded,
@@ -326,9 +321,9 @@ def step_harness(
 def train_py_step() -> tuple[Callable[..., None], str]:
     """(step function, where it comes from): the training loop's own ``_train_step``, so every
     benchmark times exactly the step that ``fit`` runs."""
-    from deblur_lib.trainer import Trainer
+    from deblur_lib.train.loop import Trainer
 
-    return Trainer._train_step, "deblur_lib.trainer.Trainer._train_step"
+    return Trainer._train_step, "deblur_lib.train.loop.Trainer._train_step"
 
 
 def make_batch(

@@ -13,7 +13,7 @@ default workers (0 on a CPU device), 64 pairs. On CUDA: the GPU run's ``batch_si
 memory), the base preset in bf16 + channels_last, and enough pairs for two batches per worker
 per epoch, so that the verdict describes the GPU run. ``config.defaults_from`` records which.
 
-Consumption: train.py's own guarded step on the same device, batch size and crop, on a fixed
+Consumption: the loop's own guarded step on the same device, batch size and crop, on a fixed
 batch (images/s = batch / median step time). Also measured: the same step fed by the loader
 (end to end), which shows any stall. Target: loader >= 2x the step's consumption.
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.builders import configure_backends
-from deblur_lib.cli import TrainConfig
 from deblur_lib.data import PairedImageFolder, make_loader, synthesize
+from deblur_lib.train.config import TrainConfig
+from deblur_lib.train.loop import configure_backends
 
 
 def loader_rate(root: Path, args, dev: torch.device, cache: bool) -> dict:
@@ -66,7 +66,7 @@ def loader_rate(root: Path, args, dev: torch.device, cache: bool) -> dict:
 
 
 def step_rate(args, dev: torch.device, loader_root: Path | None = None) -> dict:
-    """train.py's guarded step on a fixed batch; with ``loader_root``, fed by the cached loader."""
+    """The loop's guarded step on a fixed batch; with ``loader_root``, fed by the cached loader."""
     step, origin = _common.train_py_step()
     h = _common.step_harness(
         args.preset, dev, amp=args.amp, channels_last=args.channels_last, width=args.width

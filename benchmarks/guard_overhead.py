@@ -6,9 +6,9 @@
 The same training step (model preset, fixed batch, fused AdamW, CombinedLoss, grad clip 1.0)
 in three variants, each with its own identically initialised model and optimizer:
 
-* ``unguarded``: train.py's step with ``guards="off"`` (plain ``optimizer.step()``);
-* ``guarded``: train.py's step with ``guards="on"`` (``grad_norm_and_finite`` flag AND a finite
-  loss, ``StepGuard.update``, ``masked_step``): the code train.py runs, called directly;
+* ``unguarded``: the training loop's step with ``guards="off"`` (plain ``optimizer.step()``);
+* ``guarded``: the loop's step with ``guards="on"`` (``grad_norm_and_finite`` flag AND a finite
+  loss, ``StepGuard.update``, ``masked_step``): the code the loop runs, called directly;
 * ``seed_style``: the unguarded step plus the seed's Python checks, ``if torch.isnan(x).any()``
   on the output, the loss and every parameter's gradient (each check is a host-device sync).
 
@@ -32,14 +32,14 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.builders import configure_backends
 from deblur_lib.guards import all_ranks_ok, grad_norm_and_finite, masked_step
+from deblur_lib.train.loop import configure_backends
 
 VARIANTS = ("unguarded", "guarded", "seed_style")
 
 
 def seed_style_step(h: Any, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.Tensor) -> None:
-    """train.py's unguarded step with the seed's guards: a Python ``if torch.isnan(x).any()``
+    """The loop's unguarded step with the seed's guards: a Python ``if torch.isnan(x).any()``
     (a host-device sync each) on the output, the loss and each gradient; skip = zero the grads
     and return. Deliberately syncs: this is what the benchmark measures."""
     cfg, dev = h.cfg, h.device
@@ -52,7 +52,7 @@ def seed_style_step(h: Any, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.
     if torch.isnan(out).any():
         h.optimizer.zero_grad(set_to_none=True)
         return
-    loss = h.criterion(out, sharp)
+    loss = h.loss_fn(out, sharp)
     if torch.isnan(loss).any():
         h.optimizer.zero_grad(set_to_none=True)
         return
@@ -69,13 +69,13 @@ def seed_style_step(h: Any, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.
 
 def branch_costs(h: Any, batch: tuple[torch.Tensor, torch.Tensor], rounds: int, block: int):
     """Seconds per step of the part of the step after ``grad_norm_and_finite`` where the variants
-    differ (train.py's two branches, and the seed's checks + ``optimizer.step()``), timed alone
+    differ (the loop's two branches, and the seed's checks + ``optimizer.step()``), timed alone
     on one model with fixed gradients, interleaved: the guard's cost without the forward/backward
     noise of a shared machine. Each call still runs a real fused AdamW step."""
     dev = h.device
     blur, sharp = (t.to(dev) for t in batch)
     out = h.net(blur).float()
-    loss = h.criterion(out, sharp)
+    loss = h.loss_fn(out, sharp)
     loss.backward()
     _, grads_ok = grad_norm_and_finite(h.model.parameters(), h.cfg.grad_clip or None)
     params = [p for p in h.model.parameters() if p.grad is not None]
@@ -185,7 +185,7 @@ def run(args) -> dict:
             "crop": args.crop,
             "amp": args.amp,
             "channels_last": args.channels_last,
-            "optimizer": "AdamW(fused=True) via deblur_lib.builders.build_optimizer",
+            "optimizer": "AdamW(fused=True) via deblur_lib.train.loop.build_optimizer",
             "criterion": "deblur_lib.losses.CombinedLoss (all variants)",
             "grad_clip": 1.0,
             "warmup_rounds": args.warmup,

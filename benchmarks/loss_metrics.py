@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from deblur_lib.legacy import SeedCombinedLoss, SeedGuardedLoss
 from deblur_lib.losses import CombinedLoss
 from deblur_lib.metrics import psnr, ssim
+from deblur_lib.train.legacy import SeedCombinedLoss, SeedGuardedLoss
 
 LOSS_SHAPE = (8, 3, 256, 256)  # a training batch of 256 px crops (MS-SSIM at full 5 scales)
 METRIC_SHAPE = (32, 3, 256, 256)  # a validation batch

@@ -36,9 +36,9 @@ import _common  # first: puts the repo on sys.path when run as a script
 import torch
 import yaml
 
-from deblur_lib import classical
-from deblur_lib.cli import TrainConfig
 from deblur_lib.data import synthesize
+from deblur_lib.notebook import classical
+from deblur_lib.train.config import TrainConfig
 
 NOTEBOOK = _common.REPO / "notebooks" / "05_train.ipynb"
 DATA = _common.REPO / "data" / "bench_quality"

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                  # CPU: small preset, 128 px crops, batch 8
     python benchmarks/throughput.py --device cuda    # GPU: base preset, 256 px crops, batch 16
 
-Each variant runs train.py's own guarded training step (``Trainer._train_step``: fused AdamW,
+Each variant runs the loop's own guarded training step (``Trainer._train_step``: fused AdamW,
 CombinedLoss, grad clip, ``masked_step``) on a fixed batch with its own identically initialised
 model: ``fp32``, ``bf16`` (autocast), ``channels_last``, ``bf16_channels_last``, and
 ``torch.compile`` of the model in fp32 and in bf16 + channels_last. A compile that fails records
@@ -34,7 +34,7 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.builders import configure_backends
+from deblur_lib.train.loop import configure_backends
 
 EAGER = {
     "fp32": ("off", False),

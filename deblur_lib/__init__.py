@@ -1,37 +1,42 @@
 """deblur-guard: image-deblurring training that never fails silently.
 
-Public API (see ../shared/DESIGN.md). Names are re-exported lazily so that
-``import deblur_lib`` stays cheap and a notebook imports only what it uses.
+The core, importable with only torch, numpy, pillow and pytorch-msssim installed: guarded
+losses (``losses``), batched metrics (``metrics``), device-side guards (``guards``), guarded
+evaluation (``evaluate``), the model (``models``), paired data (``data``, ``synth``) and
+weights on disk (``weights``). The training harness is ``deblur_lib.train`` (``[train]``
+extra); what only the notebooks use is ``deblur_lib.notebook`` (``[notebooks]`` extra).
+Layers import one way: notebook -> train -> core.
 """
 
-from __future__ import annotations
+from deblur_lib.data import DatasetError, PairedImageFolder, load_image, make_loader, synthesize
+from deblur_lib.evaluate import EvalReport, evaluate
+from deblur_lib.guards import NanDetector, StepGuard
+from deblur_lib.losses import CharbonnierLoss, CombinedLoss, MSSSIMLoss
+from deblur_lib.metrics import PSNR_CAP_DB, MetricError, calculate_metrics, denormalize, psnr, ssim
+from deblur_lib.models import MODEL_PRESETS, DeblurNet, build_model, count_parameters
 
-import importlib
-
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "data": ["PairedImageFolder", "DatasetError", "load_image", "make_loader", "synthesize"],
-    "models": ["DeblurNet", "MODEL_PRESETS", "build_model", "count_parameters"],
-    "losses": ["CharbonnierLoss", "MSSSIMLoss", "CombinedLoss"],
-    "metrics": ["psnr", "ssim", "calculate_metrics", "denormalize", "MetricError", "PSNR_CAP_DB"],
-    "evaluate": ["evaluate", "EvalReport"],
-    "train": ["TrainConfig", "TrainResult", "fit"],
-    "tracking": ["Tracker"],
-    "guards": ["NanDetector", "StepGuard"],
-    "faults": ["FaultInjector", "parse_faults"],
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deblur_lib' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"deblur_lib.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__version__ = "0.2.0"
+__all__ = [
+    "MODEL_PRESETS",
+    "PSNR_CAP_DB",
+    "CharbonnierLoss",
+    "CombinedLoss",
+    "DatasetError",
+    "DeblurNet",
+    "EvalReport",
+    "MSSSIMLoss",
+    "MetricError",
+    "NanDetector",
+    "PairedImageFolder",
+    "StepGuard",
+    "build_model",
+    "calculate_metrics",
+    "count_parameters",
+    "denormalize",
+    "evaluate",
+    "load_image",
+    "make_loader",
+    "psnr",
+    "ssim",
+    "synthesize",
+]

@@ -1,9 +1,12 @@
-"""Paired blur/sharp image data: loading, a synthetic dataset, and seeded loaders.
+"""Paired blur/sharp image data: loading, checking, and the seeded loaders that feed training.
 
 Spaces: `load_image` returns metric space (float32 (H, W, 3) in [0, 1]); `PairedImageFolder`
 returns model space (float32 (3, H, W) in [-1, 1]). Layouts (same relative names on both sides):
 `root/blur/**/NAME` + `root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` +
 `root/<seq>/sharp/NAME`. Every input problem raises `DatasetError` naming the file.
+Training order and crops: `GlobalBatchSampler` + `KeyedCrops` (the same crops for any number
+of processes and workers); `data_range_problem` checks that pixels are in model space.
+The synthetic dataset itself is `deblur_lib.synth` (`synthesize` is re-exported here).
 
 CLI: `python -m deblur_lib.data synth --out data --n_train 400 --n_test 50 --size 256 --seed 0`
 and `python -m deblur_lib.data check ROOT [--full] [--crop_size N]`.
@@ -12,10 +15,11 @@ and `python -m deblur_lib.data check ROOT [--full] [--crop_size N]`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +27,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from deblur_lib.synth import NOISE_SIGMA, random_shake_kernel, synthesize
+from deblur_lib.synth import synthesize
 
 __all__ = [
     "DatasetError",
-    "NOISE_SIGMA",
+    "GlobalBatchSampler",
+    "KeyedCrops",
     "PairedImageFolder",
+    "data_range_problem",
+    "image_sizes",
     "load_image",
     "make_loader",
-    "random_shake_kernel",
     "synthesize",
 ]
 
@@ -324,6 +330,107 @@ def make_loader(
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class GlobalBatchSampler(Sampler):
+    """Training order that does not depend on the number of processes.
+
+    Every rank draws the same permutation of ``n`` indices from ``(seed, epoch)``, cuts it into
+    global batches of ``global_batch`` (the last one completed by wrapping around, so every
+    step has a full batch and ranks never get an empty one) and yields its own contiguous
+    slice of each, as ``(epoch, position, index)`` keys for :class:`KeyedCrops` (``position``:
+    the sample's place in the epoch, counted over all ranks). One process and N processes
+    therefore see the same global batches, with the same crops.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed=0):
+        if n < 1 or global_batch % world_size:
+            raise ValueError(
+                f"GlobalBatchSampler: need n >= 1 and a global batch divisible by the "
+                f"{world_size} ranks, got n={n}, global_batch={global_batch}"
+            )
+        self.n, self.global_batch, self.rank, self.seed = n, global_batch, rank, seed
+        self.local_batch = global_batch // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps(self) -> int:
+        return -(-self.n // self.global_batch)  # ceil
+
+    def __len__(self) -> int:
+        return self.steps() * self.local_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        for step in range(self.steps()):
+            start = step * self.global_batch + self.rank * self.local_batch
+            for k in range(start, start + self.local_batch):
+                yield self.epoch, k, perm[k % self.n]
+
+
+class KeyedCrops(Dataset):
+    """``dataset[i]`` looked up by ``(epoch, position, i)``, its random crop and flips seeded by
+    ``(seed, epoch, position)`` alone: the same sample gets the same crop on any rank, with any
+    number of workers, and again when a resumed run replays the epoch; an image drawn twice in
+    one epoch (the wrapped last batch) gets two different crops."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position, i = key
+        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + position
+        if get_worker_info() is None:
+            self.dataset.reseed(seed)  # a private generator: the global RNG is left alone
+        else:
+            torch.manual_seed(seed)  # a worker process's own RNG
+        return self.dataset[i]
+
+
+def data_range_problem(blur: torch.Tensor, sharp: torch.Tensor) -> str | None:
+    """The data-range check (one pair, full size; a host sync: once per run, not per step).
+
+    Model space is [-1, 1]. Values outside it (e.g. [0, 255] data) raise ValueError. Inside
+    it, a range confusion cannot be told from the values with certainty, so two signs of one
+    give a warning text (None when the pair looks normal): every pixel in the upper half of
+    the range (metric-space [0, 1] data read as model space, or images normalised twice) and
+    a pair that spans less than 1/16 of the range (8-bit values in a 16-bit file, a wrong
+    divisor, a constant frame).
+    """
+    both = torch.stack([blur.float(), sharp.float()])
+    low, high = torch.aminmax(both)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"pixel values in [{low:.4g}, {high:.4g}]: model space is [-1, 1] "
+            "(normalise with x / 127.5 - 1 for 8-bit data)"
+        )
+    if low >= 0.0:
+        return (
+            f"every pixel is in [{low:.3g}, {high:.3g}], the upper half of model space [-1, 1]: "
+            "[0, 1] data read as [-1, 1], or images normalised twice?"
+        )
+    if high - low < 2.0 / 16:
+        return (
+            f"the first pair spans only [{low:.3g}, {high:.3g}] of model space [-1, 1]: 8-bit "
+            "values in a 16-bit file, a wrong divisor, or a constant frame?"
+        )
+    return None
+
+
+def image_sizes(dataset) -> list[tuple[int, int]]:
+    """(H, W) of every sharp image in a ``PairedImageFolder``, from file headers (no decoding)."""
+    sizes = []
+    for _, sharp in dataset.pairs:
+        with Image.open(sharp) as im:
+            sizes.append((im.height, im.width))
+    return sizes
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:

@@ -1,10 +1,11 @@
-"""Guarded validation (fixes 2 and 3 done right), and the original one for "before" runs.
+"""Guarded validation (fixes 2 and 3 done right): ``evaluate`` and its ``EvalReport``.
 
 ``evaluate`` skips a batch only for a named reason, averages per image, keeps every sum and
 flag on the device and reads them once at the end (one host-device sync per evaluation), and
 returns NaN metrics with ``ok=False`` when nothing was valid: never 0.0, never a 999 sentinel.
 Under DDP (``torch.distributed`` initialised) the sums are all-reduced, so the counts and
-averages cover every rank.
+averages cover every rank. The seed's original evaluation, for the notebooks' "before" runs,
+is ``deblur_lib.train.legacy.evaluate_seed_style``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 
 from deblur_lib.guards import all_finite
 from deblur_lib.metrics import MetricError, denormalize, psnr, ssim
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +61,26 @@ class EvalReport:
         return f"{text} (skipped: {reasons})" if reasons else text
 
 
+def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(PSNR, SSIM), each Tensor[N], of metric-space (N, 3, H, W) images: what ``evaluate``
+    averages unless given another ``metrics`` function."""
+    return psnr(pred, target), ssim(pred, target)
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device | str,
-    injector=None,
-    epoch: int = 0,
+    *,
+    metrics: MetricFn = image_metrics,
 ) -> EvalReport:
     """Validate ``model`` on ``loader`` of (blur, sharp) model-space batches (N, 3, H, W).
 
     Images may have any size (the model pads). A batch is skipped, with its reason, when the
-    output, the loss or a metric is not finite, or when metric code raises ``MetricError`` or
-    ``ValueError``; any other exception (a bug, e.g. NameError) propagates. ``injector``
-    (``faults.FaultInjector``) may corrupt outputs or make metric code raise, by epoch/batch.
-    The model is left in the mode it came in.
+    output, the loss or a metric is not finite, or when ``metrics`` (metric space in,
+    (PSNR, SSIM) Tensor[N] each out) raises ``MetricError`` or ``ValueError``; any other
+    exception (a bug, e.g. NameError) propagates. The model is left in the mode it came in.
     """
     device = torch.device(device)
     was_training = model.training
@@ -81,19 +89,13 @@ def evaluate(
     try:
         with torch.inference_mode():
             acc = torch.zeros(_REASON0 + len(REASONS), dtype=torch.float64, device=device)
-            for i, (blur, sharp) in enumerate(loader):
+            for blur, sharp in loader:
                 blur = blur.to(device, non_blocking=True)
                 sharp = sharp.to(device, non_blocking=True)
-                out = model(blur)
-                if injector is not None:
-                    out = injector.val_output(epoch, i, out)
-                out = out.float()
+                out = model(blur).float()
                 loss = criterion(out, sharp).double()
                 try:  # narrow on purpose: only the metric code's own input errors are skips
-                    if injector is not None:
-                        injector.val_metric(epoch, i)
-                    pred, target = denormalize(out), denormalize(sharp.float())
-                    p, s = psnr(pred, target), ssim(pred, target)
+                    p, s = metrics(denormalize(out), denormalize(sharp.float()))
                 except (MetricError, ValueError) as exc:
                     first_error = first_error or f"{type(exc).__name__}: {exc}"
                     acc[_REASON0 + 3] += 1
@@ -138,51 +140,3 @@ def _report(values: list[float]) -> EvalReport:
         return EvalReport(math.nan, math.nan, math.nan, 0, n_total, skipped, 0)
     loss, p, s = (values[k] / n_images for k in (_LOSS, _PSNR, _SSIM))
     return EvalReport(loss, p, s, n_valid, n_total, skipped, n_images)
-
-
-def evaluate_seed_style(
-    model: nn.Module,
-    loader: Iterable,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    device: torch.device | str,
-    injector=None,
-    epoch: int = 0,
-) -> EvalReport:
-    """The ORIGINAL evaluation, for the notebooks' "before" runs (``--guards off``).
-
-    Reproduces its flaws on purpose: per-batch (not per-image) averages, ``.item()`` per batch,
-    ``legacy.seed_calculate_metrics`` whose broad ``except`` turns any failure into 0.0, and
-    NaN passed through as it comes. Never skips a batch, so ``n_valid == n_total``.
-    """
-    from deblur_lib.legacy import seed_calculate_metrics
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    total_loss = total_psnr = total_ssim = 0.0
-    n_batches = n_images = 0
-    try:
-        with torch.no_grad():
-            for i, (blur, sharp) in enumerate(loader):
-                blur, sharp = blur.to(device), sharp.to(device)
-                out = model(blur)
-                if injector is not None:
-                    out = injector.val_output(epoch, i, out)
-                total_loss += criterion(out, sharp).item()
-                try:
-                    if injector is not None:
-                        injector.val_metric(epoch, i)
-                    p, s = seed_calculate_metrics(out, sharp)
-                except Exception:  # noqa: BLE001 (the seed's broad except, reproduced on purpose)
-                    p, s = 0.0, 0.0
-                # float(): skimage gives numpy scalars, which weights_only checkpoints refuse
-                total_psnr, total_ssim = total_psnr + float(p), total_ssim + float(s)
-                n_batches, n_images = n_batches + 1, n_images + blur.shape[0]
-    finally:
-        model.train(was_training)
-    d = max(n_batches, 1)
-    report = EvalReport(
-        total_loss / d, total_psnr / d, total_ssim / d, n_batches, n_batches, {}, n_images
-    )
-    log.info(report.summary())
-    return report

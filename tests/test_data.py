@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import subprocess
@@ -20,13 +21,15 @@ from scipy import ndimage
 
 from deblur_lib.data import (
     DatasetError,
+    GlobalBatchSampler,
+    KeyedCrops,
     PairedImageFolder,
     load_image,
     main,
     make_loader,
-    random_shake_kernel,
     synthesize,
 )
+from deblur_lib.synth import random_shake_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -550,3 +553,49 @@ def test_cli_module_entry_point(synth: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "2 pairs OK" in result.stdout
+
+
+# --- training order and crops: GlobalBatchSampler, KeyedCrops -----------------------------
+def _global_batches(n: int, batch: int, world: int, epoch: int = 0) -> list[list[int]]:
+    """The global batches N ranks build together (rank slices concatenated per step)."""
+    per_rank = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(n, batch, rank, world, seed=3)
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == len(sampler) and {e for e, _, _ in keys} == {epoch}
+        local = batch // world
+        per_rank.append([keys[k : k + local] for k in range(0, len(keys), local)])
+    return [sum((r[step] for r in per_rank), []) for step in range(len(per_rank[0]))]
+
+
+@pytest.mark.parametrize("n, batch", [(8, 4), (10, 4), (3, 4), (7, 2), (5, 1)])
+def test_same_global_batches_for_any_world_size(n, batch):
+    one = _global_batches(n, batch, 1)
+    assert all(len(b) == batch for b in one) and len(one) == math.ceil(n / batch)
+    assert [k for _, k, _ in sum(one, [])] == list(range(len(one) * batch))  # positions
+    assert {i for _, _, i in sum(one, [])} == set(range(n))  # every image (wrapped to fill)
+    for world in (w for w in (2, 4) if batch % w == 0):
+        assert _global_batches(n, batch, world) == one
+    assert _global_batches(n, batch, 1, epoch=1) != one or n < 3  # reshuffled per epoch
+
+
+def test_batch_not_divisible_by_ranks():
+    with pytest.raises(ValueError, match="divisible by the 2 ranks"):
+        GlobalBatchSampler(8, 3, 0, 2)
+
+
+def test_keyed_crops_do_not_depend_on_order_or_workers(tiny_data):
+    ds = PairedImageFolder(tiny_data / "train", crop_size=24, augment=True)
+    keyed = KeyedCrops(ds, seed=5)
+    a = keyed[(2, 6, 6)]
+    keyed[(0, 1, 1)], keyed[(1, 6, 6)]  # other draws in between
+    b = keyed[(2, 6, 6)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], keyed[(3, 6, 6)][0])  # another epoch, another crop
+    assert not torch.equal(a[0], keyed[(2, 14, 6)][0])  # drawn again: another crop
+    sampler = GlobalBatchSampler(len(ds), 4, seed=5)
+    serial = [t for batch in make_loader(keyed, 4, shuffle=False, sampler=sampler) for t in batch]
+    workers = make_loader(keyed, 4, shuffle=False, sampler=sampler, num_workers=2)
+    parallel = [t for batch in workers for t in batch]
+    assert all(torch.equal(x, y) for x, y in zip(serial, parallel, strict=True))

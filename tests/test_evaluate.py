@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from deblur_lib import evaluate as ev
-from deblur_lib.evaluate import REASONS, EvalReport, evaluate, evaluate_seed_style
-from deblur_lib.faults import FaultInjector
+from deblur_lib.evaluate import REASONS, EvalReport, evaluate, image_metrics
 from deblur_lib.metrics import PSNR_CAP_DB, denormalize, psnr, ssim
+from deblur_lib.train.faults import FaultInjector, instrument
+from deblur_lib.train.legacy import evaluate_seed_style, seed_calculate_metrics
 
 torch.set_num_threads(2)
 
@@ -38,8 +38,27 @@ class L1(nn.Module):
         return (pred - target).abs().mean()
 
 
+def _faulty(injector, model, metrics, epoch=0):
+    """``model`` and ``metrics`` wrapped as ``fit`` wraps them for ``--inject_fault``."""
+    parts = instrument(
+        injector,
+        step_of=lambda: 0,
+        epoch_of=lambda: epoch,
+        net=None,
+        train_loader=None,
+        criterion=None,
+        eval_model=model,
+        metrics=metrics,
+        model=model,
+    )
+    return parts.eval_model, parts.metrics
+
+
 def _run(batches, model=None, criterion=None, injector=None, epoch=0) -> EvalReport:
-    return evaluate(model or Identity(), batches, criterion or L1(), "cpu", injector, epoch)
+    model, metrics = model or Identity(), image_metrics
+    if injector is not None:
+        model, metrics = _faulty(injector, model, metrics, epoch)
+    return evaluate(model, batches, criterion or L1(), "cpu", metrics=metrics)
 
 
 def test_per_image_average_weights_the_uneven_last_batch():
@@ -108,11 +127,11 @@ def test_nonfinite_loss_is_a_reason():
     assert report.skipped["nonfinite_loss"] == 2 and not report.ok
 
 
-def test_nonfinite_metric_is_a_reason(monkeypatch):
-    monkeypatch.setattr(
-        ev, "ssim", lambda p, t: torch.full((p.shape[0],), float("nan"), dtype=torch.float64)
-    )
-    report = _run(_batches(sizes=(2,)))
+def test_nonfinite_metric_is_a_reason():
+    def nan_ssim(p, t):
+        return psnr(p, t), torch.full((p.shape[0],), float("nan"), dtype=torch.float64)
+
+    report = evaluate(Identity(), _batches(sizes=(2,)), L1(), "cpu", metrics=nan_ssim)
     assert report.skipped["nonfinite_metric"] == 1 and math.isnan(report.ssim)
 
 
@@ -137,13 +156,12 @@ def test_name_error_inside_the_model_propagates():
         _run(_batches(), model=Buggy())
 
 
-def test_name_error_inside_metric_code_propagates(monkeypatch):
+def test_name_error_inside_metric_code_propagates():
     def broken(pred, target):
         return np.mean(pred)  # noqa: F821 (fix 4's missing import)
 
-    monkeypatch.setattr(ev, "psnr", broken)
     with pytest.raises(NameError):
-        _run(_batches())
+        evaluate(Identity(), _batches(), L1(), "cpu", metrics=broken)
 
 
 def test_logs_the_summary_with_reasons(caplog):
@@ -185,7 +203,8 @@ def test_seed_style_turns_metric_failures_into_zero_per_batch():
     """The original evaluation, reproduced: a metric error is logged as 0.0 and averaged in."""
     injector = FaultInjector("val_metric_error@epoch=0")
     batches = _batches(sizes=(2, 2))
-    report = evaluate_seed_style(Identity(), batches, L1(), "cpu", injector, 0)
+    model, metrics = _faulty(injector, Identity(), seed_calculate_metrics)
+    report = evaluate_seed_style(model, batches, L1(), "cpu", metrics=metrics)
     second = evaluate_seed_style(Identity(), batches[1:], L1(), "cpu")
     assert report.psnr == pytest.approx(second.psnr / 2)  # (0.0 + psnr of batch 1) / 2 batches
     assert report.n_valid == report.n_total == 2

@@ -11,14 +11,7 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import deblur_lib.metrics as metrics
-from deblur_lib.metrics import (
-    PSNR_CAP_DB,
-    MetricError,
-    calculate_metrics,
-    denormalize,
-    psnr,
-    ssim,
-)
+from deblur_lib.metrics import PSNR_CAP_DB, MetricError, calculate_metrics, denormalize, psnr, ssim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deblur_lib import models
-from deblur_lib.models import (
-    MODEL_PRESETS,
-    DeblurNet,
-    LayerNorm2d,
-    build_model,
-    count_parameters,
-)
+from deblur_lib.models import MODEL_PRESETS, DeblurNet, LayerNorm2d, build_model, count_parameters
 
 
 def _perturbed(model: DeblurNet, seed: int = 0) -> DeblurNet:

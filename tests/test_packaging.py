@@ -18,9 +18,13 @@ def _pyproject() -> dict:
 
 
 def _pyproject_requirements() -> list[Requirement]:
+    """The core dependencies and every extra's, without the extras' references to the project
+    itself (``deblur-guard[train]``)."""
     project = _pyproject()["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
-    return [Requirement(r) for r in reqs]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    return [Requirement(r) for r in reqs if not r.startswith(project["name"])]
 
 
 def _env_yml_requirements() -> list[Requirement]:

@@ -1,0 +1,225 @@
+"""Training configuration: ``TrainConfig`` (one field per CLI flag) and its validation.
+
+``TrainConfig.validate()`` checks every field, the data folders (image headers) and the
+checkpoint to resume before anything is created; each problem is a ValueError whose one-line
+message names the flag to change. The command line (``python -m deblur_lib.train``) is
+``deblur_lib.train.__main__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deblur_lib.data import DatasetError, PairedImageFolder, image_sizes
+from deblur_lib.metrics import WIN_SIZE
+from deblur_lib.train.faults import parse_faults
+from deblur_lib.weights import load_checkpoint
+
+FAULT_HELP = (
+    "deterministic fault injection for reproductions and tests: KIND@step=N[,count=M][,rank=R] "
+    "(training, 0-based global step; KIND: nan_input inf_input nan_target inf_target "
+    "const_input nan_output inf_output nan_loss nan_grad) or KIND@epoch=E[,batches=K|all] "
+    "(validation; KIND: val_nan_output val_inf_output val_metric_error); join specs with ';'"
+)
+
+
+def _opt(default, help: str, choices: tuple | None = None):  # noqa: A002 (argparse's name)
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; one CLI flag per field (``--name value``)."""
+
+    train_data: str = _opt("data/train", "training pairs: DIR/{blur,sharp}/ or GoPro DIR/<seq>/")
+    test_data: str = _opt("data/test", "validation pairs, full size, same layout")
+    registered_model_name: str | None = _opt(None, "register the best model under this name")
+    log_model: bool = _opt(
+        True, "log the best model to MLflow at the end (false: checkpoints only)"
+    )
+    batch_size: int = _opt(8, "global batch size (split evenly across DDP ranks)")
+    num_epochs: int = _opt(50, "epochs to train")
+    learning_rate: float = _opt(1e-4, "AdamW learning rate")
+    patience: int = _opt(20, "ReduceLROnPlateau patience, in validated epochs")
+    crop_size: int = _opt(256, "random training crop, px (<= the smallest training image)")
+    model_size: str = _opt("small", "DeblurNet preset", ("tiny", "small", "base"))
+    model_width: int | None = _opt(None, "override the preset's channel width")
+    device: str = _opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
+    amp: str = _opt("off", "bf16 autocast for the training step", ("off", "bf16"))
+    channels_last: bool = _opt(False, "channels_last memory format (faster convs on GPU)")
+    compile: bool = _opt(False, "torch.compile the training forward (the first steps compile)")
+    seed: int = _opt(0, "seeds python, numpy, torch and the data order")
+    num_workers: int | None = _opt(None, "DataLoader workers (None = data.make_loader's choice)")
+    alpha: float = _opt(0.84, "weight of the (1 - MS-SSIM) term")
+    beta: float = _opt(0.16, "weight of the Charbonnier term")
+    grad_clip: float = _opt(1.0, "clip the gradient norm at this value, 0 disables")
+    max_bad_steps: int = _opt(20, "more consecutive skipped steps than this -> roll back")
+    max_rollbacks: int = _opt(3, "more rollbacks than this -> stop")
+    max_invalid_epochs: int = _opt(3, "this many consecutive invalid validations -> stop")
+    out_dir: str = _opt("runs/train", "checkpoints (last.pt, best.pt) and metrics.jsonl")
+    resume: str | None = _opt(None, "'auto' (OUT_DIR/last.pt if present) or a checkpoint path")
+    experiment: str = _opt("deblur-guard", "MLflow experiment name")
+    tracking_uri: str | None = _opt(None, "MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    tracking_retry_s: float = _opt(30.0, "while the tracking server is down, retry every N s")
+    guards: str = _opt("on", "off reproduces the original unguarded loop", ("on", "off"))
+    detect_anomaly: bool = _opt(False, "torch.autograd anomaly mode (slow; debugging only)")
+    inject_fault: str | None = _opt(None, FAULT_HELP)
+    scheduler: str = _opt("plateau", "LR schedule", ("plateau", "cosine"))
+    warmup_steps: int = _opt(0, "cosine: linear LR warm-up over the first N steps")
+    val_every: int = _opt(1, "validate every N epochs")
+    log_every: int = _opt(10, "read device-side guard counters every N steps (a sync point)")
+    max_steps_per_epoch: int | None = _opt(None, "cap on steps per epoch (smoke runs)")
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (what checkpoints store and MLflow logs as params)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check every field and the data folders; ValueError with a one-line fix message.
+
+        Reads image headers only; creates nothing.
+        """
+        _check_ranges(self)
+        if self.inject_fault:
+            try:
+                parse_faults(self.inject_fault)
+            except ValueError as exc:
+                raise ValueError(f"--inject_fault: {exc}") from None
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+        if self.batch_size % world:
+            raise ValueError(
+                f"--batch_size {self.batch_size} is the global batch: it must be "
+                f"divisible by the {world} processes"
+            )
+        _check_resume(self)
+        _check_out_dir(Path(self.out_dir))
+        _check_data(self)
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """The checkpoint to resume must exist and hold the same architecture."""
+    if cfg.resume is None:
+        return
+    path = Path(cfg.out_dir, "last.pt") if cfg.resume == "auto" else Path(cfg.resume)
+    if not path.is_file():
+        if cfg.resume == "auto":
+            return  # nothing to resume yet: a fresh run
+        raise ValueError(f"--resume {cfg.resume}: no such checkpoint; pass 'auto' or a file")
+    try:
+        state = load_checkpoint(path)
+    except ValueError as exc:
+        raise ValueError(f"--resume {cfg.resume}: {exc}; pass another file or 'auto'") from None
+    saved = state.get("config", {})
+    for name in ("model_size", "model_width", "scheduler"):
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise ValueError(
+                f"--resume {path}: it was trained with --{name} {saved[name]}, "
+                f"not {getattr(cfg, name)}; pass the same value"
+            )
+    old_cosine = "scheduler" in state and "lr_lambdas" not in state["scheduler"]
+    if cfg.scheduler == "cosine" and old_cosine:
+        raise ValueError(
+            f"--resume {path}: written by an older deblur_lib whose cosine schedule stepped "
+            "per epoch; it cannot continue on the per-step schedule: start a fresh run"
+        )
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    at_least = {
+        "batch_size": 1,
+        "num_epochs": 1,
+        "crop_size": 8,
+        "patience": 0,
+        "seed": 0,
+        "max_bad_steps": 0,
+        "max_rollbacks": 0,
+        "max_invalid_epochs": 1,
+        "val_every": 1,
+        "log_every": 1,
+        "model_width": 4,
+        "num_workers": 0,
+        "max_steps_per_epoch": 1,
+        "warmup_steps": 0,
+    }
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise ValueError(f"--{name} must be an integer >= {low} (got {value!r})")
+    lr = cfg.learning_rate
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
+    for name in ("alpha", "beta", "grad_clip", "tracking_retry_s"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name} must be a finite number >= 0 (got {value!r})")
+    if not cfg.experiment.strip():
+        raise ValueError("--experiment must not be empty (default: deblur-guard)")
+    if cfg.registered_model_name and not cfg.log_model:
+        raise ValueError("--registered_model_name needs --log_model true (or drop the name)")
+    if cfg.warmup_steps and cfg.scheduler != "cosine":
+        raise ValueError(
+            f"--warmup_steps {cfg.warmup_steps} applies to --scheduler cosine only "
+            f"(got --scheduler {cfg.scheduler}); pass --warmup_steps 0 or --scheduler cosine"
+        )
+    if cfg.alpha + cfg.beta <= 0:
+        raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(
+                f"--{f.name} must be one of {', '.join(choices)} (got {getattr(cfg, f.name)!r})"
+            )
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    for flag, root in (("train_data", cfg.train_data), ("test_data", cfg.test_data)):
+        if not Path(root).is_dir():
+            raise ValueError(
+                f"--{flag} {root}: no such folder; create it with "
+                "`python -m deblur_lib.data synth --out data`"
+            )
+        try:
+            ds = PairedImageFolder(root)
+            ds.validate()  # headers only: unreadable files, blur/sharp size mismatches
+        except DatasetError as exc:
+            problem = str(exc).split("\nexpected layout")[0]  # drop the layout drawing
+            raise ValueError(f"--{flag} {root}: {one_line(problem)}") from None
+        if len(ds) == 0:
+            raise ValueError(f"--{flag} {root}: no image pairs found (expected blur/ and sharp/)")
+        sizes = image_sizes(ds)
+        smallest = min(min(size) for size in sizes)
+        if flag == "train_data" and cfg.crop_size > smallest:
+            raise ValueError(
+                f"--crop_size {cfg.crop_size} is larger than the smallest "
+                f"training image ({smallest} px); use --crop_size {smallest}"
+            )
+        if flag == "test_data" and smallest < WIN_SIZE:
+            name = ds.pairs[[min(size) for size in sizes].index(smallest)][1]
+            raise ValueError(
+                f"--test_data {root}: {name} is {smallest} px on a side; SSIM needs "
+                f"validation images of at least {WIN_SIZE} px (remove or enlarge it)"
+            )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out_dir {out_dir} is a file; pass a folder")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir {out_dir}: {existing} is not writable; pass another folder")
+
+
+def one_line(exc: BaseException | str) -> str:
+    """``exc``'s message with every run of whitespace (newlines too) as one space."""
+    return " ".join(str(exc).split())

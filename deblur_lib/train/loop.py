@@ -1,0 +1,570 @@
+"""The training loop: ``fit(cfg) -> TrainResult``, read top to bottom.
+
+``fit`` builds everything from the ``TrainConfig`` (``Trainer.__init__``), then ``run``:
+resume or start, the epochs, the end. One epoch, in nanoGPT's order: seed the epoch, then per
+step: forward (optional bf16 autocast), loss, backward, clip and measure the gradient norm,
+skip-or-step, zero grads, and every ``log_every`` steps read the device-side guard counters
+(the loop's only sync point). Then: evaluate, step the scheduler on a valid PSNR, checkpoint
+(atomic, finite weights only), log the epoch to MLflow. The end: load the best weights, log
+figures and the model, mark the MLflow run, one final line naming the ``stop_reason``.
+
+Guards on (default): a step whose loss or gradients are not finite is skipped on the device
+(``guards.masked_step``; under DDP the flag is all-reduced first, so every rank skips the same
+steps) and counted. More than ``max_bad_steps`` consecutive skips: roll back to ``last.pt``
+with the LR halved; more than ``max_rollbacks`` rollbacks: stop, naming the first module whose
+output was non-finite. ``max_invalid_epochs`` consecutive invalid validations: stop.
+Guards off: the original loop (``legacy``: the seed's loss and evaluation, metrics logged and
+fed to the scheduler as they come) for the notebooks' "before" runs.
+
+Checkpoints are written by rank 0 only and read by every rank: under torchrun on several
+nodes ``out_dir`` must be on a shared filesystem. ``--inject_fault`` wraps what the loop calls
+(``faults.instrument``); the loop itself has no injection code.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from deblur_lib.data import (
+    GlobalBatchSampler,
+    KeyedCrops,
+    PairedImageFolder,
+    data_range_problem,
+    image_sizes,
+    make_loader,
+)
+from deblur_lib.evaluate import evaluate, image_metrics
+from deblur_lib.guards import (
+    NanDetector,
+    StepGuard,
+    all_ranks_ok,
+    grad_norm_and_finite,
+    masked_step,
+)
+from deblur_lib.losses import CombinedLoss
+from deblur_lib.models import build_model
+from deblur_lib.train import distributed, faults, figures, legacy
+from deblur_lib.train.checkpoint import (
+    Progress,
+    archive_previous_run,
+    remove_stale_temp_files,
+    restore_training_state,
+    training_state,
+)
+from deblur_lib.train.config import TrainConfig
+from deblur_lib.train.tracking import Tracker
+from deblur_lib.weights import load_checkpoint, save_checkpoint, weights_finite
+
+__all__ = ["STOP_REASONS", "StopTraining", "TrainResult", "Trainer", "fit"]
+log = logging.getLogger("deblur_lib.train")  # the name users filter on
+
+STOP_REASONS = {
+    "completed": "every epoch ran",
+    "rollbacks_exhausted": "non-finite steps kept coming after --max_rollbacks rollbacks",
+    "invalid_epochs": "--max_invalid_epochs consecutive validations were invalid",
+    "nonfinite_weights": "the weights became non-finite (guards on)",
+}
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns. ``best_psnr`` is NaN and ``best_epoch`` None without a valid epoch;
+    ``history`` holds one dict per epoch (the logged record); ``model`` (the raw module, eval
+    mode) holds the best checkpoint's weights when there is one, else the final weights."""
+
+    stop_reason: str
+    message: str
+    epochs_completed: int
+    global_step: int
+    best_psnr: float
+    best_epoch: int | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    run_id: str | None
+    skipped_steps: int
+    rollbacks: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.stop_reason == "completed"
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end the run with ``reason`` (a key of ``STOP_REASONS``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def fit(cfg: TrainConfig) -> TrainResult:
+    """Train as ``cfg`` says (see the module docstring); ValueError if ``cfg`` is invalid."""
+    cfg.validate()
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        return Trainer(cfg, ctx, device).run()
+    finally:
+        distributed.teardown()
+
+
+class Trainer:
+    """One training run (one process of it under DDP); ``run()`` returns the ``TrainResult``."""
+
+    def __init__(self, cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device):
+        self.cfg, self.ctx, self.device, self.guarded = cfg, ctx, device, cfg.guards == "on"
+        self.last_path, self.best_path = Path(cfg.out_dir, "last.pt"), Path(cfg.out_dir, "best.pt")
+        seed_all(cfg.seed)
+        configure_backends(device)
+        self.loaders = build_loaders(cfg, ctx, device)
+        self.model, net = build_net(cfg, ctx, device)  # net: what the step calls (DDP, compile)
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        n_batches = len(self.loaders.train)
+        self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.per_step_schedule = cfg.scheduler == "cosine"
+        # guards off: the seed's loss (stock MS-SSIM), its evaluation and its metric code
+        loss_cls = CombinedLoss if self.guarded else legacy.SeedCombinedLoss
+        self.criterion = loss_cls(cfg.alpha, cfg.beta)
+        self.eval_criterion = loss_cls(cfg.alpha, cfg.beta)  # its own counters
+        self.evaluate = evaluate if self.guarded else legacy.evaluate_seed_style
+        metric_fn = image_metrics if self.guarded else legacy.seed_calculate_metrics
+        self.guard = StepGuard(device)
+        self.progress = Progress()
+        self.epoch = 0  # the epoch in progress
+        # --inject_fault: the same objects, wrapped so that faults fire at their step/epoch
+        self.injector = faults.FaultInjector(cfg.inject_fault, rank=ctx.rank)
+        parts = faults.instrument(
+            self.injector,
+            step_of=lambda: self.progress.step,
+            epoch_of=lambda: self.epoch,
+            net=net,
+            train_loader=self.loaders.train,
+            criterion=self.criterion,
+            eval_model=self.model,
+            metrics=metric_fn,
+            model=self.model,
+        )
+        self.net, self.train_batches, self.loss_fn = parts.net, parts.train_loader, parts.criterion
+        self.eval_model, self.metrics = parts.eval_model, parts.metrics
+        self.tracker = Tracker(
+            cfg.experiment,
+            cfg.tracking_uri,
+            cfg.out_dir,
+            enabled=ctx.is_main,
+            retry_interval_s=cfg.tracking_retry_s,
+        )
+        self.last_batch: torch.Tensor | None = None  # rerun under NanDetector before a stop
+
+    def run(self) -> TrainResult:
+        cfg, resumed = self.cfg, self._resume()  # _resume replaces self.progress
+        p = self.progress
+        params = None if resumed else cfg.to_dict()  # params are logged once per run
+        p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
+        self.tracker.set_tags({"guards": cfg.guards})
+        if self.ctx.is_main:
+            for text in self.loaders.range_warnings:
+                log.warning("data range: %s", text)
+        if resumed:
+            self._relog_last_epoch()
+        else:
+            self._save(self.last_path)  # the rollback target until the first epoch ends
+        reason, message = "completed", ""
+        try:
+            with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+                for epoch in range(p.epoch + 1, cfg.num_epochs):
+                    self.epoch = epoch
+                    self._end_epoch(epoch, self._train_epoch(epoch))
+        except StopTraining as stop:
+            reason, message = stop.reason, stop.message
+        except BaseException as exc:  # a crash or Ctrl-C: close the MLflow run, then re-raise
+            self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        return self._finish(reason, message)
+
+    # --- one epoch of steps -----------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> torch.Tensor:
+        cfg = self.cfg
+        seed_all(cfg.seed + 10_000 * (epoch + 1))  # resumable epochs
+        self.loaders.sampler.set_epoch(epoch)  # the order and crops depend on (seed, epoch) only
+        self.net.train()
+        # device-side sums over the steps taken (loss, steps, grad norm), then MS-SSIM fallbacks
+        acc = torch.zeros(4, dtype=torch.float64, device=self.device)
+        bar = tqdm(
+            itertools.islice(self.train_batches, self.steps_per_epoch),  # --max_steps_per_epoch
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.ctx.is_main,
+        )
+        for blur, sharp in bar:
+            self._train_step(blur, sharp, acc)
+            self.progress.step += 1
+            if self.progress.step % cfg.log_every == 0:
+                self._check_guard(bar, acc)
+        bar.close()
+        self._check_guard(None, acc)  # the tail of the epoch
+        return acc
+
+    def _train_step(self, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.Tensor) -> None:
+        cfg, dev = self.cfg, self.device
+        blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
+        if cfg.channels_last:
+            blur = blur.contiguous(memory_format=torch.channels_last)
+        self.last_batch = blur
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            out = self.net(blur)
+        loss = self.loss_fn(out.float(), sharp)
+        loss.backward()
+        norm, grads_ok = grad_norm_and_finite(self.model.parameters(), cfg.grad_clip or None)
+        if self.guarded:
+            # decided on the device and all-reduced: no host sync, the same skip on every rank
+            ok = all_ranks_ok(grads_ok & torch.isfinite(loss.detach()))
+            self.guard.update(ok)
+            masked_step(self.optimizer, ~ok)
+        else:
+            ok = torch.ones((), dtype=torch.bool, device=dev)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.per_step_schedule:
+            self.scheduler.step()  # follows the step count, skipped steps included
+        taken = torch.stack([loss.detach().double(), torch.ones_like(acc[0]), norm.double()])
+        acc[:3] += torch.where(ok, taken.to(acc.device), torch.zeros_like(taken))
+
+    def _check_guard(self, bar, acc: torch.Tensor) -> None:
+        """Read the counters (note: a CPU-GPU sync point, once per log interval); roll back or
+        stop after too many consecutive skipped steps."""
+        counts, cfg, p = self.guard.read(), self.cfg, self.progress
+        if bar is not None:
+            loss_sum, taken = acc[:2].tolist()
+            bar.set_postfix(loss=loss_sum / max(taken, 1), skipped=counts["skipped_total"])
+        bad = counts["consecutive_bad"]
+        if bad <= cfg.max_bad_steps:
+            return
+        what = f"{bad} consecutive non-finite steps (> --max_bad_steps {cfg.max_bad_steps})"
+        if p.rollbacks >= cfg.max_rollbacks:
+            raise StopTraining(
+                "rollbacks_exhausted",
+                f"{what} up to step {p.step - 1} after {p.rollbacks} rollback(s) "
+                f"(--max_rollbacks {cfg.max_rollbacks}); {self._diagnose()}",
+            )
+        lr = self.optimizer.param_groups[0]["lr"] * 0.5
+        ck = load_checkpoint(self.last_path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.per_step_schedule:  # LambdaLR resets lr to base_lr * factor at every step
+            self.scheduler.base_lrs = [b * 0.5 for b in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.guard.reset_streak()
+        p.rollbacks += 1
+        if self.ctx.is_main:
+            log.warning(
+                f"rollback {p.rollbacks}/{cfg.max_rollbacks}: {what} up to step "
+                f"{p.step - 1}; restored {self.last_path} (epoch {ck['epoch']}), "
+                f"lr -> {lr:.3g}"
+            )
+
+    def _diagnose(self) -> str:
+        """Rerun the offending batch with hooks on every module; name the first NaN source."""
+        if self.last_batch is None:
+            return "no batch to rerun"
+        with torch.no_grad(), NanDetector(self.model) as det:
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+                self.model(self.last_batch)
+        found = det.first_nonfinite is not None or det.model_input_finite is False
+        text = det.report()
+        if not found:
+            text += ", so the non-finite value came after the model (loss or gradients)"
+        texts = distributed.gather_strings(f"{int(found)}{text}")  # one entry per rank
+        if len(texts) == 1:
+            return text
+        hits = [f"rank {r}: {t[1:]}" for r, t in enumerate(texts) if t[0] == "1"]
+        return "; ".join(hits) or f"on every rank: {text}"
+
+    # --- end of epoch: evaluate, schedule, checkpoint, log ------------------------------------
+    def _end_epoch(self, epoch: int, acc: torch.Tensor) -> None:
+        cfg, p = self.cfg, self.progress
+        stats = getattr(self.criterion, "stats", None)  # guards off: the seed's loss has none
+        if stats is not None:
+            acc[3] = stats["msssim_fallbacks"]  # summed over the ranks with the rest
+        loss_sum, taken, norm_sum, fallbacks = distributed.all_reduce_sum_(acc).tolist()
+        rec: dict[str, float] = {
+            "train_loss": loss_sum / taken if taken else math.nan,
+            "grad_norm": norm_sum / taken if taken else math.nan,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped_steps": self.guard.read()["skipped_total"],
+            "rollbacks": p.rollbacks,
+        }
+        if stats is not None:
+            rec["msssim_fallbacks"] = int(fallbacks)  # this epoch's, all ranks
+            self.criterion.reset_stats()
+        report, valid = None, False
+        if (epoch + 1) % cfg.val_every == 0 or epoch == cfg.num_epochs - 1:
+            report = self.evaluate(
+                self.eval_model,
+                self.loaders.test,
+                self.eval_criterion,
+                self.device,
+                metrics=self.metrics,
+            )
+            rec.update(val_valid_batches=report.n_valid, val_total_batches=report.n_total)
+            rec.update({f"val_skipped_{k}": v for k, v in report.skipped.items()})
+            valid = not self.guarded or report.ok  # the original trusted whatever came
+            if valid:
+                rec.update(val_loss=report.loss, val_psnr=report.psnr, val_ssim=report.ssim)
+                if cfg.scheduler == "plateau":
+                    self.scheduler.step(report.psnr)  # guards off: NaN and 0.0 go in too
+            p.invalid_epochs = 0 if valid else p.invalid_epochs + 1
+        p.epoch = epoch
+        p.history.append({"epoch": epoch, **rec})
+        finite = weights_finite(self.model)  # note: a sync point, once per epoch
+        if finite:
+            if valid and rec["val_psnr"] > p.best_psnr:
+                p.best_psnr, p.best_epoch = rec["val_psnr"], epoch
+                self._save(self.best_path)
+            self._save(self.last_path)
+        self.tracker.log_metrics(rec, step=epoch, raw=not self.guarded)
+        if self.ctx.is_main:
+            log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in rec.items()))
+        if not finite:
+            msg = f"epoch {epoch}: the weights are not finite; no checkpoint written"
+            if self.guarded:
+                raise StopTraining("nonfinite_weights", msg)
+            log.warning(msg)
+        if report is not None and not valid:
+            msg = (
+                f"{p.invalid_epochs} consecutive invalid validation(s) (--max_invalid_epochs "
+                f"{cfg.max_invalid_epochs}), last at epoch {epoch}: {report.summary()}"
+            )
+            if p.invalid_epochs >= cfg.max_invalid_epochs:
+                raise StopTraining("invalid_epochs", msg)
+            log.warning("%s; metrics not logged, scheduler not stepped, no best checkpoint", msg)
+
+    # --- checkpoints and resume ---------------------------------------------------------------
+    def _save(self, path: Path) -> None:
+        if self.ctx.is_main:
+            p = self.progress
+            p.run_id = self.tracker.run_id or p.run_id  # known late after a tracking outage
+            objects = (self.model, self.optimizer, self.scheduler, self.guard)
+            save_checkpoint(path, training_state(*objects, p, self.cfg.to_dict()), self.model)
+        distributed.barrier()  # every rank may read it next (rollback)
+
+    def _resume(self) -> bool:
+        cfg = self.cfg
+        if self.ctx.is_main:
+            for tmp in remove_stale_temp_files(cfg.out_dir) if Path(cfg.out_dir).is_dir() else []:
+                log.info("removed %s, a checkpoint write interrupted by a crash", tmp)
+        path = None
+        if cfg.resume is not None:
+            path = self.last_path if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None or not path.is_file():
+            if path is not None:
+                log.info("--resume auto: no %s yet, starting a new run", path)
+            if self.ctx.is_main and (moved := archive_previous_run(cfg.out_dir)) is not None:
+                log.warning(
+                    "a new run in %s: the earlier run's files moved to %s", cfg.out_dir, moved
+                )
+            distributed.barrier()
+            return False
+        ck = load_checkpoint(path, map_location=self.device)
+        p = restore_training_state(ck, self.model, self.optimizer, self.scheduler, self.guard)
+        p.run_id = p.run_id or None  # "" when the tracking server was down at the first start
+        self.progress = p
+        if self.ctx.is_main:
+            log.info(
+                f"resumed from {path}: epoch {p.epoch} done, continuing at epoch "
+                f"{p.epoch + 1} (MLflow run {p.run_id})"
+            )
+        return True
+
+    def _relog_last_epoch(self) -> None:
+        """Log the checkpoint's last epoch again when a crash came between writing the checkpoint
+        and logging the epoch (metrics.jsonl, written first, does not have that step yet)."""
+        p, path = self.progress, self.tracker.jsonl_path
+        if not p.history or not self.ctx.is_main:
+            return
+        steps = [-1]
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            steps += [json.loads(line)["step"] for line in lines if line.strip()]
+        if max(steps) < p.epoch:
+            rec = {k: v for k, v in p.history[-1].items() if k != "epoch"}
+            self.tracker.log_metrics(rec, step=p.epoch, raw=not self.guarded)
+            log.info(
+                "epoch %d was checkpointed but not logged before the crash: logged now", p.epoch
+            )
+
+    # --- the end ------------------------------------------------------------------------------
+    def _finish(self, reason: str, message: str) -> TrainResult:
+        cfg, p = self.cfg, self.progress
+        best = self.best_path if p.best_epoch is not None else None
+        if reason == "completed":
+            psnr = f"{p.best_psnr:.2f} dB at epoch {p.best_epoch}" if best else "none valid"
+            line = f"Training finished: {p.epoch + 1} epochs; best val_psnr {psnr}"
+        else:
+            line = f"Training stopped ({reason}): {message}"
+        counts = self.guard.read()
+        if best is not None:
+            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
+        self.tracker.set_tags({"stop_reason": reason, "guards": cfg.guards, "stop_message": line})
+        if self.ctx.is_main:
+            self._log_figures()
+            if best is not None and cfg.log_model:
+                self.tracker.log_model(self.model, cfg.registered_model_name, self.loaders.example)
+        self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
+        if self.ctx.is_main:
+            log.log(logging.INFO if reason == "completed" else logging.WARNING, line)
+        return TrainResult(
+            stop_reason=reason,
+            message=line,
+            epochs_completed=p.epoch + 1,
+            global_step=p.step,
+            best_psnr=p.best_psnr if best else math.nan,
+            best_epoch=p.best_epoch,
+            best_checkpoint=best,
+            last_checkpoint=self.last_path if self.last_path.is_file() else None,
+            run_id=self.tracker.run_id or p.run_id,
+            skipped_steps=counts["skipped_total"],
+            rollbacks=p.rollbacks,
+            history=p.history,
+            model=self.model.eval(),
+        )
+
+    def _log_figures(self) -> None:
+        """Rank 0: the curves PNG and blur/restored/sharp triplets of the first test images (the
+        model as returned: the best checkpoint's weights when there is one)."""
+        if not self.progress.history:
+            return
+        folder = Path(self.cfg.out_dir, "figures")
+        curves = figures.curves_png(self.progress.history, folder / "curves.png")
+        shard = self.loaders.test.dataset
+        pairs = [shard[i] for i in range(min(3, len(shard)))]
+        triplets = figures.triplets_png(self.model, pairs, folder / "triplets.png", self.device)
+        for path in (curves, triplets):
+            self.tracker.log_artifact(path, "figures")
+
+
+# --- what fit trains with, built from a TrainConfig -------------------------------------------
+def configure_backends(device: torch.device) -> None:
+    """What training sets on CUDA (the benchmarks call it too, to time the same kernels): TF32
+    matmuls and convolutions, and cuDNN autotuning (training crops have one fixed size).
+    Nothing on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Loaders:
+    """``train``: random crops + flips, this rank's slice of each global batch (``sampler``,
+    see ``data.GlobalBatchSampler``). ``test``: full-size images, this rank's slice (no
+    padding, so no duplicates). ``example``: the first test pair (blur, sharp), each
+    (1, 3, H, W) model space (MLflow input example, range check). ``range_warnings``: what
+    ``data.data_range_problem`` found on the first full-size pair of each set."""
+
+    train: DataLoader
+    test: DataLoader
+    sampler: GlobalBatchSampler
+    example: torch.Tensor
+    example_sharp: torch.Tensor
+    range_warnings: list[str] = field(default_factory=list)
+
+
+def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> Loaders:
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(
+            f"--batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} DDP "
+            "processes (it is the global batch)"
+        )
+    bs = cfg.batch_size // ctx.world_size
+    train_ds = PairedImageFolder(cfg.train_data, crop_size=cfg.crop_size, augment=True)
+    test_ds = PairedImageFolder(cfg.test_data)
+    sampler = GlobalBatchSampler(len(train_ds), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
+    common = {"device": device, "num_workers": cfg.num_workers, "seed": cfg.seed}
+    train = make_loader(
+        KeyedCrops(train_ds, cfg.seed), bs, shuffle=False, sampler=sampler, **common
+    )
+    shard = Subset(test_ds, range(ctx.rank, len(test_ds), ctx.world_size))
+    eval_bs = bs if len(set(image_sizes(test_ds))) == 1 else 1  # mixed sizes cannot be batched
+    test = make_loader(shard, eval_bs, shuffle=False, **common)
+    blur, sharp = test_ds[0]
+    firsts = (("train_data", PairedImageFolder(cfg.train_data)[0]), ("test_data", (blur, sharp)))
+    warnings = [
+        f"--{flag} {getattr(cfg, flag)}: {problem}"
+        for flag, pair in firsts
+        if (problem := data_range_problem(*pair))
+    ]
+    return Loaders(train, test, sampler, blur[None], sharp[None], warnings)
+
+
+def build_net(
+    cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
+    wrapper under torchrun, else the model itself; ``torch.compile``d with ``cfg.compile``).
+    Evaluate, checkpoint and diagnose ``model``."""
+    model = build_model(cfg.model_size, cfg.model_width).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:  # shares model's parameters; evaluation and checkpoints use model
+        net = torch.compile(net)
+    return model, net
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW, fused on CPU and CUDA: one kernel per step, and it honours ``found_inf`` (the
+    sync-free skip of ``guards.masked_step``)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """``plateau``: ReduceLROnPlateau(mode="max") on validation PSNR, stepped only with a
+    valid PSNR (guards on). ``cosine``: stepped after every training step; linear warm-up
+    from ``lr / warmup_steps`` to ``lr`` over ``cfg.warmup_steps`` steps, then a half cosine
+    to 0 at the last of ``num_epochs * steps_per_epoch`` steps (``cosine_warmup_factor``)."""
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", patience=cfg.patience
+        )
+    total = cfg.num_epochs * steps_per_epoch
+    factor = functools.partial(cosine_warmup_factor, warmup=cfg.warmup_steps, total=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_warmup_factor(step: int, warmup: int, total: int) -> float:
+    """LR multiplier at 0-based ``step``: (step + 1) / warmup during the warm-up, then
+    0.5 * (1 + cos(pi * t)) with t going from 0 to 1 over the remaining steps; in (0, 1]
+    before ``total``, 0 from ``total`` on."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * t))

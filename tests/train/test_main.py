@@ -1,0 +1,243 @@
+"""Bad command lines: every flag's invalid values exit with code 2 and one line naming the flag.
+
+Each case runs ``main(argv)`` in a temporary working directory and snapshots every file there
+(and in the dataset) before and after: a usage error creates and overwrites nothing, MLflow
+store included. One case runs the real ``python -m deblur_lib.train`` to check the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from deblur_lib.train.__main__ import main
+from deblur_lib.train.config import TrainConfig
+
+PROG = "python -m deblur_lib.train: error: "
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    files = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            stat = path.stat()
+            files[str(path)] = (stat.st_size, stat.st_mtime_ns) if path.is_file() else (-1, 0)
+    return files
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _argv(tiny_data: Path, workdir: Path, **overrides) -> list[str]:
+    values = {
+        "train_data": tiny_data / "train",
+        "test_data": tiny_data / "test",
+        "out_dir": workdir / "out",
+        "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
+        "model_size": "tiny",
+        "crop_size": 32,
+        "batch_size": 2,
+        "num_epochs": 1,
+        "device": "cpu",
+        **overrides,
+    }
+    argv = []
+    for key, value in values.items():
+        if value is not None:
+            argv.append(f"--{key}={value}")  # "=": argparse reads "-1e-4" as an option
+    return argv
+
+
+def _empty(workdir: Path) -> Path:
+    (workdir / "empty").mkdir()
+    return workdir / "empty"
+
+
+def _blur_only(workdir: Path) -> Path:
+    for side in ("blur", "sharp"):
+        (workdir / "nopairs" / side).mkdir(parents=True)
+    return workdir / "nopairs"
+
+
+def _tiny_images(workdir: Path) -> Path:
+    for side in ("blur", "sharp"):
+        (workdir / "small" / side).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (100, 50, 25)).save(workdir / "small" / side / "a.png")
+    return workdir / "small"
+
+
+def _a_file(workdir: Path) -> Path:
+    (workdir / "file").write_text("not a folder")
+    return workdir / "file"
+
+
+def _not_a_checkpoint(workdir: Path) -> Path:
+    (workdir / "junk.pt").write_bytes(b"junk" * 100)
+    return workdir / "junk.pt"
+
+
+def _unwritable(workdir: Path) -> Path:
+    if os.geteuid() == 0:  # root writes anywhere that is not a read-only place like procfs
+        return Path("/proc/self/deblur_out")
+    locked = workdir / "locked"
+    locked.mkdir(mode=0o555)
+    return locked / "out"
+
+
+# flag -> bad value (or a callable making one in the workdir) -> text the error line must hold
+CASES = [
+    ("batch_size", "0", "--batch_size must be an integer >= 1"),
+    ("batch_size", "-4", "--batch_size must be an integer >= 1"),
+    ("batch_size", "two", "argument --batch_size: invalid int value"),
+    ("num_epochs", "0", "--num_epochs must be an integer >= 1"),
+    ("learning_rate", "0", "--learning_rate must be > 0"),
+    ("learning_rate", "-1e-4", "--learning_rate must be > 0"),
+    ("learning_rate", "nan", "--learning_rate must be > 0"),
+    ("patience", "-1", "--patience must be an integer >= 0"),
+    ("crop_size", "0", "--crop_size must be an integer >= 8"),
+    ("crop_size", "128", "--crop_size 128 is larger than the smallest training image (64 px)"),
+    ("model_size", "huge", "argument --model_size: invalid choice"),
+    ("model_width", "0", "--model_width must be an integer >= 4"),
+    ("device", "tpu", "argument --device: invalid choice"),
+    ("amp", "fp16", "argument --amp: invalid choice"),
+    ("channels_last", "maybe", "argument --channels_last"),
+    ("seed", "-1", "--seed must be an integer >= 0"),
+    ("num_workers", "-1", "--num_workers must be an integer >= 0"),
+    ("alpha", "-0.5", "--alpha must be a finite number >= 0"),
+    ("beta", "inf", "--beta must be a finite number >= 0"),
+    ("grad_clip", "-1", "--grad_clip must be a finite number >= 0"),
+    ("max_bad_steps", "-1", "--max_bad_steps must be an integer >= 0"),
+    ("max_rollbacks", "-1", "--max_rollbacks must be an integer >= 0"),
+    ("max_invalid_epochs", "0", "--max_invalid_epochs must be an integer >= 1"),
+    ("val_every", "0", "--val_every must be an integer >= 1"),
+    ("log_every", "0", "--log_every must be an integer >= 1"),
+    ("max_steps_per_epoch", "0", "--max_steps_per_epoch must be an integer >= 1"),
+    ("tracking_retry_s", "-1", "--tracking_retry_s must be a finite number >= 0"),
+    ("guards", "maybe", "argument --guards: invalid choice"),
+    ("scheduler", "step", "argument --scheduler: invalid choice"),
+    ("experiment", "", "--experiment must not be empty"),
+    ("inject_fault", "nan_input@steps=3", "--inject_fault: bad fault spec"),
+    ("inject_fault", "bogus@step=1", "unknown kind 'bogus'"),
+    ("inject_fault", "nan_input@step=-1", "step must be >= 0"),
+    ("train_data", lambda w: w / "missing", "--train_data"),
+    ("test_data", lambda w: w / "missing", "no such folder"),
+    ("train_data", _empty, "no blur/ and sharp/ folders"),
+    ("test_data", _blur_only, "empty folder (no PNG/JPEG images)"),
+    ("test_data", _tiny_images, "SSIM needs validation images of at least 11 px"),
+    ("out_dir", _a_file, "is a file; pass a folder"),
+    ("out_dir", lambda w: _a_file(w) / "out", "is not writable"),
+    ("out_dir", _unwritable, "is not writable; pass another folder"),
+    ("resume", lambda w: w / "nope.pt", "--resume"),
+    ("resume", _not_a_checkpoint, "not a readable checkpoint"),
+    ("registered_model_name", "net", "--registered_model_name needs --log_model true"),
+]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message", CASES, ids=[f"{c[0]}={getattr(c[1], '__name__', c[1])}" for c in CASES]
+)
+def test_bad_flag_exits_2_with_one_line_and_creates_nothing(
+    flag, value, message, tiny_data, workdir, capsys
+):
+    value = value(workdir) if callable(value) else value
+    extra = {"log_model": "false"} if flag == "registered_model_name" else {}
+    argv = _argv(tiny_data, workdir, **{flag: value, **extra})
+    before = _snapshot(workdir, tiny_data)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after argparse's usage line
+    assert line.startswith(PROG) and message in line, err
+    assert f"--{flag}" in line, line
+    assert _snapshot(workdir, tiny_data) == before  # nothing created, nothing overwritten
+
+
+def test_batch_size_must_split_over_ddp_processes(tiny_data, workdir, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, batch_size=3)) == 2
+    assert "--batch_size 3 is the global batch" in capsys.readouterr().err
+    assert _snapshot(workdir) == before
+
+
+def test_resume_with_another_architecture(tiny_data, workdir, capsys):
+    from deblur_lib.train import fit
+
+    cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
+    fit(cfg)
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, resume="auto", model_size="small")) == 2
+    assert "trained with --model_size tiny, not small" in capsys.readouterr().err
+    assert _snapshot(workdir) == before  # last.pt, metrics.jsonl and the store untouched
+
+
+def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
+    """A scheduler's state only fits its own kind; a per-epoch CosineAnnealingLR state (before
+    the per-step cosine) cannot continue either. Both exit 2 before anything is written."""
+    import torch
+
+    from deblur_lib.train import fit
+    from deblur_lib.weights import load_checkpoint, save_checkpoint
+
+    cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
+    fit(cfg)  # --scheduler plateau, the default
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert "trained with --scheduler plateau, not cosine" in capsys.readouterr().err
+    assert _snapshot(workdir) == before
+
+    last = Path(cfg.out_dir, "last.pt")
+    state = load_checkpoint(last)
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    state["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3).state_dict()
+    state["config"]["scheduler"] = "cosine"
+    save_checkpoint(last, state)
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert "cosine schedule stepped per epoch" in capsys.readouterr().err
+    assert _snapshot(workdir) == before
+
+
+def test_undecodable_file_found_while_training_exits_2_naming_it(tiny_data, workdir, capsys):
+    data = workdir / "data"
+    shutil.copytree(tiny_data / "train", data / "train")
+    bad = data / "train" / "sharp" / "0005.png"
+    bad.write_bytes(bad.read_bytes()[:400])  # the header is fine, the pixels are cut
+    argv = _argv(tiny_data, workdir, train_data=data / "train", log_model="false")
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(PROG) and "truncated image" in line and str(bad) in line
+
+
+def test_the_real_command_exits_2(tiny_data, workdir):
+    argv = [sys.executable, "-m", "deblur_lib.train", *_argv(tiny_data, workdir, batch_size=0)]
+    before = _snapshot(workdir)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        PROG + "--batch_size must be an integer >= 1 (got 0)"
+    )
+    assert _snapshot(workdir) == before
+
+
+def _config(tiny_data: Path, workdir: Path) -> dict:
+    return {
+        "train_data": str(tiny_data / "train"),
+        "test_data": str(tiny_data / "test"),
+        "out_dir": str(workdir / "out"),
+        "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
+        "model_size": "tiny",
+        "crop_size": 32,
+        "batch_size": 2,
+        "num_epochs": 1,
+        "device": "cpu",
+        "log_model": False,
+    }
