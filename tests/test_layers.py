@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,7 +123,11 @@ def test_core_installs_and_imports_in_a_venv_with_only_its_dependencies(tmp_path
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     subprocess.run([*pip, "torch==2.13.0"], check=True, env=env, timeout=900)
-    subprocess.run([*pip, str(REPO)], check=True, env=env, timeout=900, cwd=tmp_path)
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ behind
+    shutil.copytree(PACKAGE, src / "deblur_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([*pip, str(src)], check=True, env=env, timeout=900, cwd=tmp_path)
     code = (
         "import deblur_lib; from deblur_lib import CombinedLoss, psnr, ssim, evaluate; "
         "import importlib.util as u; "
