@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from deblur_lib.synth import NOISE_SIGMA, random_shake_kernel, synthesize
+from deblur_lib.degrade import random_shake_kernel
+from deblur_lib.synth import synthesize
 
 __all__ = [
     "DatasetError",
-    "NOISE_SIGMA",
     "PairedImageFolder",
     "load_image",
     "make_loader",
