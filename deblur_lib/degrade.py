@@ -77,7 +77,7 @@ def encode_u8(linear: np.ndarray) -> np.ndarray:
     """float linear light (any shape; clipped to [0, 1]) -> uint8 sRGB, by a 16-bit table.
 
     Exact for the 256 levels of :func:`decode_u8` (an 8-bit round trip is the identity) and
-    within half an 8-bit level of ``round(255 * linear_to_srgb(x))`` elsewhere.
+    at most one level from ``round(255 * linear_to_srgb(x))`` elsewhere (ties of the table).
     """
     scaled = np.clip(linear, 0.0, 1.0) * np.float32(_ENCODE_LEVELS) + np.float32(0.5)
     return _ENCODE_U8[scaled.astype(np.uint16)]
@@ -98,7 +98,9 @@ class DegradeParams:
     - highlight_share: probability in [0, 1] that near-white scene pixels are boosted above
       the white point before the blur (saturated light sources). Default 0.3.
     - highlight_threshold: linear level in (0, 1) where the boost starts (it ramps linearly to
-      the full gain at 1.0); 0.8 linear is 0.91 in sRGB. Default 0.8.
+      the full gain at 1.0). Default 0.95 (sRGB 249/255): pixels that were (nearly) clipped in
+      the 8-bit source, the lights whose true radiance is unknown; a lower threshold also
+      burns out bright surfaces of the sharp target.
     - highlight_gain: range of the boost factor on pure white, >= 1, uniform. Default (1.5, 6.0).
     - shot_noise: range of the shot-noise gain `a` (noise variance `a * x` at linear level x),
       log-uniform; (0, 0) disables it; a = 1e-3 is ~1000 photo-electrons at white. Default
@@ -113,7 +115,7 @@ class DegradeParams:
     kernel_size: tuple[int, int] = (7, 31)
     varying_share: float = 0.25
     highlight_share: float = 0.3
-    highlight_threshold: float = 0.8
+    highlight_threshold: float = 0.95
     highlight_gain: tuple[float, float] = (1.5, 6.0)
     shot_noise: tuple[float, float] = (1e-4, 3e-3)
     read_noise: tuple[float, float] = (5e-4, 3e-3)

@@ -110,7 +110,9 @@ def _photo(name: str) -> np.ndarray | None:
         from matplotlib.cbook import get_sample_data
 
         try:
-            with Image.open(get_sample_data(name.removeprefix("matplotlib:"))) as img:
+            with Image.open(
+                get_sample_data(name.removeprefix("matplotlib:"), asfileobj=False)
+            ) as img:
                 arr = np.asarray(img.convert("RGB"))
         except (OSError, ValueError):
             return None
@@ -373,7 +375,8 @@ class SyntheticPairs(Dataset):
 
     `ds[i]` for any int i >= 0 (not only i < len(ds)) is sample number i: float32 tensors
     `(blur, sharp)` (3, crop_size, crop_size) in [-1, 1] (uint8 / 127.5 - 1), a pure function
-    of (seed, i, crop_size, sources, natural_share, params, GENERATOR_VERSION). To never
+    of (seed, i, crop_size, sources, natural_share, params, GENERATOR_VERSION) and of which
+    photos are installed. To never
     repeat a crop, give each step new indices, e.g. a sampler over range(e * n, (e + 1) * n)
     in epoch e. `len(ds) = length`, the samples of an epoch with the default samplers.
 
