@@ -417,13 +417,13 @@ def test_cli_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[st
     assert "error" in capsys.readouterr().err
 
 
-def test_cli_module_entry_point(synth: Path) -> None:
+def test_cli_module_entry_point(tiny_data: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "deblur_lib.data", "check", str(synth / "test")],
+        [sys.executable, "-m", "deblur_lib.data", "check", str(tiny_data / "test")],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "2 pairs OK" in result.stdout
+    assert "4 pairs OK" in result.stdout
