@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "data": ["PairedImageFolder", "DatasetError", "load_image", "make_loader", "synthesize"],
+    "synth": ["SyntheticPairs"],
+    "degrade": ["DegradeParams"],
     "models": ["DeblurNet", "MODEL_PRESETS", "build_model", "count_parameters"],
     "losses": ["CharbonnierLoss", "MSSSIMLoss", "CombinedLoss"],
     "metrics": ["psnr", "ssim", "calculate_metrics", "denormalize", "MetricError", "PSNR_CAP_DB"],
