@@ -192,18 +192,18 @@ def random_shake_kernel(size: int, rng: np.random.Generator) -> np.ndarray:
     n, length = 2000, 60.0
     anxiety, centripetal = 0.1 * rng.random(), 0.7 * rng.random()
     gauss, big_shake, angle = 10.0 * rng.random(), 0.2 * rng.random(), 2 * np.pi * rng.random()
-    u, a = rng.random(n).tolist(), rng.random(n).tolist()
-    gx, gy = rng.standard_normal(n).tolist(), rng.standard_normal(n).tolist()
+    u, a = rng.random(n), rng.random(n).tolist()
+    gx, gy = rng.standard_normal(n) * gauss, rng.standard_normal(n) * gauss
+    gx, gy, shakes = gx.tolist(), gy.tolist(), (u < big_shake * anxiety).tolist()
     step = length / (n - 1)
     # the exposure cut is drawn after the walk's noise (as in the original order) but before
     # the walk, which then stops at `keep` steps; the loop draws nothing
     keep = max(2, int(n * rng.uniform(0.25, 1.0)))  # exposure fraction
-    gx, gy = [gauss * v for v in gx], [gauss * v for v in gy]
-    shakes = [v < big_shake * anxiety for v in u]
-    vx, vy = np.cos(angle) * step, np.sin(angle) * step
+    # Python floats throughout: numpy scalars would make the loop ~5x slower
+    vx, vy = math.cos(angle) * step, math.sin(angle) * step
     x = y = 0.0
     xs, ys = [0.0] * keep, [0.0] * keep
-    for t in range(keep - 1):  # plain floats: ~1 us a step
+    for t in range(keep - 1):  # ~0.5 us a step
         dx = anxiety * (gx[t] - centripetal * x) * step
         dy = anxiety * (gy[t] - centripetal * y) * step
         if shakes[t]:  # abrupt shake: turn back by ~180 degrees
