@@ -151,16 +151,8 @@ _TEXTURE_P = (0.25, 0.2, 0.15, 0.15, 0.25)
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """HSV in [0, 1] (n,) each -> RGB float (n, 3) in [0, 1]."""
-    sector = np.floor(h * 6).astype(np.int64) % 6
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = np.stack(
-        [
-            np.stack(c, -1)
-            for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
-        ]
-    )
-    return table[sector, np.arange(len(h))]
+    k = (np.array([5.0, 3.0, 1.0]) + 6.0 * h[:, None]) % 6.0
+    return v[:, None] * (1.0 - s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
 def _leaf_colors(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -184,7 +176,8 @@ def _noise_field(size: int, rng: np.random.Generator) -> np.ndarray:
     beta = rng.uniform(1.0, 2.0)
     n = fft_size(size)
     amplitude = np.exp(-beta * _log_radial_frequency(n))
-    field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((n, n))) * amplitude, s=(n, n))
+    white = rng.standard_normal((2, *amplitude.shape))  # the spectrum of white noise
+    field = np.fft.irfft2((white[0] + 1j * white[1]) * amplitude, s=(n, n))
     field = field[:size, :size]
     field = (field - field.mean()) / (field.std() + 1e-12)
     return np.clip(0.5 + 0.25 * field, 0.0, 1.0).astype(np.float32)
@@ -248,22 +241,25 @@ def _leaves(size: int, rng: np.random.Generator, coverage: float) -> tuple[np.nd
         sub = label[y0:y1, x0:x1]
         np.maximum(sub, inside * np.int32(j + 1), out=sub)
     flat = label.reshape(-1)
-    for g in range(len(_BOXES)):  # many small leaves: one (m, h, w) batch per size and shape
-        for is_rect in (False, True):
-            idx = np.flatnonzero((group == g) & (rect == is_rect))
-            if not len(idx):
-                continue
-            w, h = int(need_x[idx].max()), int(need_y[idx].max())
-            ox, oy = cx[idx, None, None], cy[idx, None, None]
-            px = np.floor(ox) - w // 2 + np.arange(w, dtype=np.float32)  # (m, 1, w)
-            py = np.floor(oy) - h // 2 + np.arange(h, dtype=np.float32)[:, None]  # (m, h, 1)
-            per_leaf = (v[idx, None, None] for v in (ua, ub, va, vb))
-            inside = _shape_test(px - ox, py - oy, *per_leaf, is_rect)
-            inside &= (px >= 0) & (px < size)
-            inside &= (py >= 0) & (py < size)
-            pixel = (py * size).astype(np.int32) + px.astype(np.int32)
-            ids = np.broadcast_to((idx + 1).astype(np.int32)[:, None, None], inside.shape)
-            np.maximum.at(flat, pixel[inside], ids[inside])
+    # many small leaves: one (m, h, w) batch per box class and shape, as contiguous slices of
+    # the leaves sorted by (class, shape)
+    order = np.lexsort((rect, group))
+    order = order[group[order] < len(_BOXES)]
+    keys = group[order] * 2 + rect[order]
+    starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    sx, sy, snx, sny = cx[order], cy[order], need_x[order], need_y[order]
+    coef = np.stack([ua[order], ub[order], va[order], vb[order]])[:, :, None, None]
+    for lo, hi in zip(starts, [*starts[1:], len(order)], strict=True):
+        w, h = int(snx[lo:hi].max()), int(sny[lo:hi].max())
+        ox, oy = sx[lo:hi, None, None], sy[lo:hi, None, None]
+        px = np.floor(ox) - w // 2 + np.arange(w, dtype=np.float32)  # (m, 1, w)
+        py = np.floor(oy) - h // 2 + np.arange(h, dtype=np.float32)[:, None]  # (m, h, 1)
+        inside = _shape_test(px - ox, py - oy, *coef[:, lo:hi], bool(keys[lo] % 2))
+        inside &= (px >= 0) & (px < size)
+        inside &= (py >= 0) & (py < size)
+        pixel = (py * size).astype(np.int32) + px.astype(np.int32)
+        ids = np.broadcast_to((order[lo:hi] + 1).astype(np.int32)[:, None, None], inside.shape)
+        np.maximum.at(flat, pixel[inside], ids[inside])
 
     # appearance; index 0 is the background (centred, image-sized)
     m = n + 1
