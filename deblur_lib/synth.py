@@ -48,7 +48,6 @@ __all__ = [
     "Pair",
     "SyntheticPairs",
     "dead_leaves",
-    "make_pair",
     "random_shake_kernel",
     "synthesize",
 ]
@@ -334,7 +333,7 @@ class Pair(NamedTuple):
     kernel: np.ndarray
 
 
-def make_pair(
+def _make_pair(
     seed: int,
     index: int,
     size: int,
@@ -405,10 +404,13 @@ class SyntheticPairs(Dataset):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-        if isinstance(natural_share, bool) or not 0.0 <= natural_share <= 1.0:
-            raise ValueError(f"natural_share must be in [0, 1], got {natural_share!r}")
+        share_ok = isinstance(natural_share, int | float) and not isinstance(natural_share, bool)
+        if not share_ok or not 0.0 <= natural_share <= 1.0:
+            raise ValueError(f"natural_share must be a number in [0, 1], got {natural_share!r}")
         if not isinstance(params, DegradeParams):
             raise ValueError(f"params must be a DegradeParams, got {type(params).__name__}")
+        if isinstance(sources, str):
+            raise ValueError(f"sources must be a tuple of photo names, got the string {sources!r}")
         sources = tuple(sources)
         for name in sources:
             if name not in TEST_SOURCES + TRAIN_SOURCES:
@@ -430,7 +432,7 @@ class SyntheticPairs(Dataset):
         """Sample `index` as uint8 images and its PSF (:class:`Pair`)."""
         if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
             raise ValueError(f"index must be an int >= 0, got {index!r}")
-        return make_pair(
+        return _make_pair(
             self.seed,
             int(index),
             self.crop_size,
@@ -533,7 +535,7 @@ def synthesize(
                 (out / split / sub).mkdir(parents=True, exist_ok=True)
             used: dict[str, int] = {}
             for i in range(n):
-                pair = make_pair(seed, i, size, params=params, **how)
+                pair = _make_pair(seed, i, size, params=params, **how)
                 stem = f"{i:0{digits}d}"
                 for sub in ("sharp", "blur"):
                     Image.fromarray(getattr(pair, sub)).save(

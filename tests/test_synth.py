@@ -26,7 +26,6 @@ from deblur_lib.synth import (
     TRAIN_SOURCES,
     SyntheticPairs,
     dead_leaves,
-    make_pair,
     synthesize,
 )
 
@@ -121,7 +120,7 @@ def test_natural_share_chooses_between_photos_and_dead_leaves() -> None:
 def test_training_sources_never_include_test_photos() -> None:
     assert not set(TRAIN_SOURCES) & set(TEST_SOURCES)
     assert SyntheticPairs().sources == TRAIN_SOURCES
-    assert {make_pair(0, i, 64, natural_share=1.0).source for i in range(20)}.isdisjoint(
+    assert {SyntheticPairs(64, natural_share=1.0).pair(i).source for i in range(20)}.isdisjoint(
         TEST_SOURCES
     )
 
@@ -147,6 +146,8 @@ def test_test_photos_allow_many_256px_crops() -> None:
         ({"length": 0}, "length"),
         ({"seed": -1}, "seed"),
         ({"natural_share": 1.5}, "natural_share"),
+        ({"natural_share": "0.5"}, "natural_share"),
+        ({"sources": "skimage.data.camera"}, "tuple of photo names"),
         ({"sources": ("skimage.data.nope",)}, "unknown source"),
         ({"params": {"jpeg_share": 0.0}}, "DegradeParams"),
         ({"crop_size": 4096}, "no installed photo"),
