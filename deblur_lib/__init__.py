@@ -9,11 +9,13 @@ Layers import one way: notebook -> train -> core.
 """
 
 from deblur_lib.data import DatasetError, PairedImageFolder, load_image, make_loader, synthesize
+from deblur_lib.degrade import DegradeParams
 from deblur_lib.evaluate import EvalReport, evaluate
 from deblur_lib.guards import NanDetector, StepGuard
 from deblur_lib.losses import CharbonnierLoss, CombinedLoss, MSSSIMLoss
 from deblur_lib.metrics import PSNR_CAP_DB, MetricError, calculate_metrics, denormalize, psnr, ssim
 from deblur_lib.models import MODEL_PRESETS, DeblurNet, build_model, count_parameters
+from deblur_lib.synth import SyntheticPairs
 
 __version__ = "0.2.0"
 __all__ = [
@@ -23,12 +25,14 @@ __all__ = [
     "CombinedLoss",
     "DatasetError",
     "DeblurNet",
+    "DegradeParams",
     "EvalReport",
     "MSSSIMLoss",
     "MetricError",
     "NanDetector",
     "PairedImageFolder",
     "StepGuard",
+    "SyntheticPairs",
     "build_model",
     "calculate_metrics",
     "count_parameters",

@@ -1,10 +1,8 @@
 """Tests for deblur_lib.data: decoding, pairing layouts, every DatasetError, aligned
-crops/augmentation, seeded loaders, the synthetic dataset and the CLI."""
+crops/augmentation, seeded loaders and the CLI (the synthetic dataset: tests/test_synth.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import struct
@@ -17,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from deblur_lib.data import (
     DatasetError,
@@ -27,9 +24,7 @@ from deblur_lib.data import (
     load_image,
     main,
     make_loader,
-    synthesize,
 )
-from deblur_lib.synth import random_shake_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,14 +61,6 @@ def _png16(path: Path, arr: np.ndarray) -> Path:
         + chunk(b"IEND", b"")
     )
     return path
-
-
-def _sha(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 # --- load_image ---------------------------------------------------------------------------
@@ -396,116 +383,6 @@ def test_make_loader_options(small_folder: Path) -> None:
         make_loader(ds, 1, shuffle=False, num_workers=-1)
 
 
-# --- synthesize -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    synthesize(out, n_train=4, n_test=2, size=64, seed=0, progress=False)
-    return out
-
-
-def test_synthesize_layout_and_manifest(synth: Path) -> None:
-    for split, n in (("train", 4), ("test", 2)):
-        for sub, ext in (("blur", "png"), ("sharp", "png"), ("kernels", "npy")):
-            names = sorted(p.name for p in (synth / split / sub).iterdir())
-            assert names == [f"{i:04d}.{ext}" for i in range(n)]
-        ds = PairedImageFolder(synth / split)
-        assert len(ds) == n and ds.validate(full=True) == n
-        assert ds[0][0].shape == (3, 64, 64)
-    m = json.loads((synth / "manifest.json").read_text())
-    assert m["complete"] and m["counts"] == {"train": 4, "test": 2}
-    assert m["settings"]["size"] == 64 and m["settings"]["seed"] == 0
-    assert m["sources"]["train"] and m["sources"]["test"]
-    assert not set(m["sources"]["train"]) & set(m["sources"]["test"])  # held-out sources
-    assert sum(m["used"]["train"].values()) == 4
-
-
-def test_synthesize_blur_is_kernel_convolution_plus_light_noise(synth: Path) -> None:
-    for i in range(4):
-        k = np.load(synth / "train" / "kernels" / f"{i:04d}.npy")
-        assert k.dtype == np.float32 and k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
-        assert 7 <= k.shape[0] <= 31 and k.min() >= 0 and abs(k.sum() - 1) < 1e-5
-        sharp = load_image(synth / "train" / "sharp" / f"{i:04d}.png").astype(np.float64)
-        blur = load_image(synth / "train" / "blur" / f"{i:04d}.png").astype(np.float64)
-        ref = np.stack(
-            [
-                ndimage.convolve(sharp[..., c], k.astype(np.float64), mode="mirror")
-                for c in range(3)
-            ],
-            -1,
-        )
-        residual = blur - ref
-        assert abs(residual.mean()) < 3e-3
-        assert 0.006 < residual.std() < 0.014  # sigma 0.01 noise + 8-bit rounding
-
-
-def test_synthesize_same_seed_is_byte_identical(synth: Path, tmp_path: Path) -> None:
-    synthesize(tmp_path / "again", 4, 2, size=64, seed=0, progress=False)
-    synthesize(tmp_path / "other", 4, 2, size=64, seed=1, progress=False)
-    synthesize(tmp_path / "fewer", 2, 1, size=64, seed=0, progress=False)
-    reference, again = _sha(synth), _sha(tmp_path / "again")
-    assert again == reference
-    other = _sha(tmp_path / "other")
-    assert all(other[n] != reference[n] for n in reference if n.endswith((".png", ".npy")))
-    fewer = _sha(tmp_path / "fewer")  # image i depends only on (seed, split, i)
-    assert all(fewer[n] == reference[n] for n in fewer if n != "manifest.json")
-
-
-def test_synthesize_is_idempotent_and_refuses_foreign_content(tmp_path: Path) -> None:
-    out = tmp_path / "d"
-    first = synthesize(out, 2, 1, size=32, seed=0, progress=False)
-    stamp = (out / "train" / "blur" / "0000.png").stat().st_mtime_ns
-    assert synthesize(out, 2, 1, size=32, seed=0, progress=False) == first
-    assert (out / "train" / "blur" / "0000.png").stat().st_mtime_ns == stamp
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        synthesize(out, 3, 1, size=32, seed=0, progress=False)
-    (out / "train" / "blur" / "0001.png").unlink()  # incomplete: regenerated, no overwrite
-    assert synthesize(out, 2, 1, size=32, seed=0, progress=False) == first
-    assert (out / "train" / "blur" / "0001.png").exists()
-    (out / "keep.txt").write_text("user file")
-    m = synthesize(out, 3, 1, size=32, seed=0, overwrite=True, progress=False)
-    assert m["counts"]["train"] == 3 and (out / "keep.txt").exists()
-    assert len(list((out / "train" / "sharp").iterdir())) == 3
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "x.txt").write_text("x")
-    with pytest.raises(FileExistsError, match=re.escape(str(foreign))):
-        synthesize(foreign, 1, 1, size=32, progress=False)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [{"n_train": 0}, {"n_test": 0}, {"size": 31}, {"size": 64.0}, {"n_train": True}, {"seed": -1}],
-)
-def test_synthesize_rejects_bad_values(tmp_path: Path, kwargs: dict) -> None:
-    args = {"n_train": 1, "n_test": 1, "size": 32} | kwargs
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
-        synthesize(tmp_path / "d", **args)
-    assert not (tmp_path / "d").exists()
-
-
-@pytest.mark.parametrize("size", [3, 7, 15, 31])
-def test_random_shake_kernel(size: int) -> None:
-    k = random_shake_kernel(size, np.random.default_rng(size))
-    assert k.shape == (size, size) and k.dtype == np.float32
-    assert k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-5
-    yy, xx = np.mgrid[:size, :size]
-    centre = (size - 1) / 2
-    assert abs((k * yy).sum() - centre) < 1e-3 and abs((k * xx).sum() - centre) < 1e-3
-    again = random_shake_kernel(size, np.random.default_rng(size))
-    assert np.array_equal(k, again)
-    if size >= 15:
-        assert (k > 0).sum() > size  # a trajectory, not a dot
-
-
-@pytest.mark.parametrize("size", [4, 1, 7.0, True])
-def test_random_shake_kernel_rejects_bad_size(size: object) -> None:
-    with pytest.raises(ValueError, match="odd int"):
-        random_shake_kernel(size, np.random.default_rng(0))
-
-
 # --- CLI ------------------------------------------------------------------------------------
 
 
@@ -543,16 +420,16 @@ def test_cli_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[st
     assert "error" in capsys.readouterr().err
 
 
-def test_cli_module_entry_point(synth: Path) -> None:
+def test_cli_module_entry_point(tiny_data: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "deblur_lib.data", "check", str(synth / "test")],
+        [sys.executable, "-m", "deblur_lib.data", "check", str(tiny_data / "test")],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "2 pairs OK" in result.stdout
+    assert "4 pairs OK" in result.stdout  # tiny_data: 8 train + 4 test pairs
 
 
 # --- training order and crops: GlobalBatchSampler, KeyedCrops -----------------------------

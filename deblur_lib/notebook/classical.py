@@ -5,7 +5,8 @@ each pair, so they are an upper bound on what a classical method can do without
 estimating the kernel. All images here are numpy float arrays (H, W, 3) in metric
 space [0, 1]; kernels are float (k, k) summing to 1.
 
-The synthetic blur is a convolution with reflect padding, while both scikit-image
+The synthetic blur is a 'valid' convolution of a larger scene (in linear light, before noise,
+the sRGB curve and JPEG: ``deblur_lib.degrade``), while both scikit-image
 methods assume circular (Wiener) or zero (Richardson-Lucy) boundaries. Deconvolving the
 image as-is rings from the borders inward (Wiener at small ``balance`` lands BELOW the
 blurred input), so we mirror-pad by 3 kernel sizes and taper the padded border towards
