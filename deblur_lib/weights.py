@@ -456,7 +456,8 @@ def log_model_artifacts(
         logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
         # pyfunc.log_model uses the process-wide URI; _use_tracking_uri sets it (and
         # $MLFLOW_TRACKING_URI, which _env restores)
-        with _env("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
+        saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        with _env("MLFLOW_TRACKING_URI", saved_uri), _env(_MLFLOW_BAR_ENV, "false"):
             with _use_tracking_uri(uri):
                 info = mlflow.pyfunc.log_model(
                     name=name,
