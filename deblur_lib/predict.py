@@ -166,17 +166,18 @@ def plan_tiling(
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` px covering ``length`` px with at least ``overlap`` px
-    shared by neighbours; the last tile ends at ``length`` (it may overlap more)."""
+    """Start offsets of the fewest ``tile`` px tiles covering ``length`` px with neighbours
+    sharing at least ``overlap`` px, spread evenly (first at 0, last ending at ``length``)."""
     if tile >= length:
         return [0]
-    return [*range(0, length - tile, tile - overlap), length - tile]
+    n = 1 + math.ceil((length - tile) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def tile_windows(starts: Sequence[int], tile: int) -> list[Tensor]:
     """1-D blending weights (tile,) per tile: sin^2 rising over the overlap with the previous
-    tile, cos^2 falling over the overlap with the next, 1 elsewhere (so two overlapping
-    windows sum to 1)."""
+    tile, cos^2 falling over the overlap with the next, 1 elsewhere. Where two tiles overlap
+    their weights sum to 1; where three do (overlap > tile / 2) the blend divides by the sum."""
     windows = []
     for i, start in enumerate(starts):
         wnd = torch.ones(tile, dtype=torch.float64)
@@ -829,7 +830,7 @@ def _list_images(folder: Path, skip: Path | None) -> list[Path]:
         rel = p.relative_to(folder)
         if p.suffix.lower() not in IMAGE_SUFFIXES or any(s.startswith(".") for s in rel.parts):
             continue
-        if skip is not None and p.resolve().is_relative_to(skip):
+        if skip is not None and skip != folder.resolve() and p.resolve().is_relative_to(skip):
             continue
         if p.is_file():
             found.append(p)
