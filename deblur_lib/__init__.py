@@ -16,6 +16,8 @@ _EXPORTS = {
     "losses": ["CharbonnierLoss", "MSSSIMLoss", "CombinedLoss"],
     "metrics": ["psnr", "ssim", "calculate_metrics", "denormalize", "MetricError", "PSNR_CAP_DB"],
     "evaluate": ["evaluate", "EvalReport"],
+    "predict": ["deblur"],
+    "weights": ["load_model", "WeightsError"],
     "train": ["TrainConfig", "TrainResult", "fit"],
     "tracking": ["Tracker"],
     "guards": ["NanDetector", "StepGuard"],

@@ -25,9 +25,11 @@ peak resident-set rise of one forward under ``torch.inference_mode`` measured on
 (torch 2.13, 1 thread): 290, 601 and 1241 B/px for width 8, 16 and 32 (the tiny, small and
 base presets) at 512 and 1024 px, i.e. 38.9 B/px per channel of width. The default budget,
 ``DEFAULT_MAX_MEMORY_MB`` = 4096, keeps a 6000 x 4000 photo with the 'small' preset (whole:
-~15 GiB by this estimate) to one 2496 px tile at a time, about 6 GiB of process memory in
-all (the image, its float copy and the blending accumulators add ~40 B/px): it runs on a
-24 GiB CPU machine (and on 8 GiB). The budget also caps how many images or tiles go into one
+14.8 GiB by this estimate) to one 2536 px tile at a time, about 5.5 GiB of process memory
+in all (the image, its float copies and the blending accumulators add ~40 B/px; measured
+on a 3000 x 2000 image with a 512 MiB budget: peak resident set 714 MiB above the baseline,
+i.e. ~35 B/px besides the activations): it runs on a 24 GiB CPU machine (and on 8 GiB).
+The budget also caps how many images or tiles go into one
 forward (``batch_size`` is the upper limit).
 
 Tiles and global pooling: DeblurNet's channel attention averages each feature map over the
@@ -286,16 +288,23 @@ class _Engine:
         for module, flag in self._flags:
             module.training = flag
 
+    def tiled(self, h: int, w: int) -> bool:
+        """Whether an h x w image runs in tiles under these options."""
+        return self._plan(h, w).tile is not None
+
     def restore(self, xs: Sequence[Tensor]) -> list[Tensor]:
         """Restored (3, H, W) float32 model-space tensors, clamped to [-1, 1], each on its
-        input's device; equal sizes (and devices) batched, ``batch_size`` images at most."""
+        input's device; equal sizes (and devices) batched, ``batch_size`` images at most, and
+        an image that runs in tiles alone (its tiles are batched), so that memory stays
+        bounded by one large image."""
         out: list[Tensor | None] = [None] * len(xs)
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
             groups.setdefault((tuple(x.shape), x.device), []).append(i)
         for idx in groups.values():
-            for k in range(0, len(idx), self.opts.batch_size):
-                chunk = idx[k : k + self.opts.batch_size]
+            n = 1 if self.tiled(*xs[idx[0]].shape[-2:]) else self.opts.batch_size
+            for k in range(0, len(idx), n):
+                chunk = idx[k : k + n]
                 y = self.restore_batch(torch.stack([xs[i].float() for i in chunk]))
                 for i, yi in zip(chunk, y, strict=True):
                     out[i] = yi
@@ -319,17 +328,21 @@ class _Engine:
                 )
             return acc.clamp_(-1, 1)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _plan(self, h: int, w: int) -> TilePlan:
         opts = self.opts
-        plan = plan_tiling(
+        return plan_tiling(
             self.net,
-            *x.shape[-2:],
+            h,
+            w,
             tile=opts.tile,
             tile_overlap=opts.tile_overlap,
             batch_size=opts.batch_size,
             max_memory_mb=opts.max_memory_mb,
             tlc=opts.tlc is not None,
         )
+
+    def _forward(self, x: Tensor) -> Tensor:
+        plan = self._plan(*x.shape[-2:])
         if plan.tile is None:
             return torch.cat([self._run(c) for c in x.split(plan.batch)])
         return self._forward_tiled(x, plan)
@@ -825,12 +838,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_images(folder: Path, skip: Path | None) -> list[Path]:
     """PNG/JPEG files under ``folder`` (recursive; dotfiles and anything under ``skip``
     left out), sorted."""
-    found = []
+    found, root = [], folder.resolve()
     for p in folder.rglob("*"):
         rel = p.relative_to(folder)
         if p.suffix.lower() not in IMAGE_SUFFIXES or any(s.startswith(".") for s in rel.parts):
             continue
-        if skip is not None and skip != folder.resolve() and p.resolve().is_relative_to(skip):
+        if skip is not None and skip != root and p.resolve().is_relative_to(skip):
             continue
         if p.is_file():
             found.append(p)
@@ -929,23 +942,45 @@ def _progress(total: int):
     return tqdm(total=total, unit="img", desc="deblur", disable=None, file=sys.stderr)
 
 
-def _process(engine: _Engine, jobs: Sequence[_Job], args, report: _Report, bar) -> None:
-    """Read, deblur, write (and score) one chunk of jobs; failures are recorded, not raised."""
-    loaded = []
+def _run_jobs(engine: _Engine, jobs: Sequence[_Job], args, report: _Report, bar) -> None:
+    """Read each image, deblur equal-size runs of up to ``--batch_size`` images together (an
+    image that runs in tiles alone), write and score them; failures are recorded, not raised."""
+    pending: list[tuple[_Job, Image.Image, Tensor, Callable]] = []
     for job in jobs:
         try:
             img = read_image(job.src)
             xs, pack = _unpack(img)
         except _READ_ERRORS as exc:
             report.failed.append((job.rel, f"unreadable: {str(exc).splitlines()[0][:120]}"))
+            _advance(bar)
             continue
-        loaded.append((job, img, xs[0], pack))
+        size = tuple(xs[0].shape)
+        if pending and (tuple(pending[0][2].shape) != size or len(pending) >= args.batch_size):
+            _finish(engine, pending, args, report, bar)
+            pending = []
+        pending.append((job, img, xs[0], pack))
+        if engine.tiled(*size[-2:]):
+            _finish(engine, pending, args, report, bar)
+            pending = []
+    if pending:
+        _finish(engine, pending, args, report, bar)
+
+
+def _advance(bar, n: int = 1) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+def _finish(engine: _Engine, loaded: list, args, report: _Report, bar) -> None:
+    """Deblur, write and score ``loaded`` (job, image, model-space tensor, pack) entries."""
     try:
         ys = engine.restore([x for _, _, x, _ in loaded])
     except NonFiniteOutputError as exc:
         report.failed.extend((job.rel, str(exc)) for job, *_ in loaded)
+        _advance(bar, len(loaded))
         return
     for (job, img, x, pack), y in zip(loaded, ys, strict=True):
+        _advance(bar)
         out = pack([y])
         try:
             write_image(out, job.dst, img, args.jpeg_quality)
@@ -958,8 +993,6 @@ def _process(engine: _Engine, jobs: Sequence[_Job], args, report: _Report, bar) 
                 report.failed.append((job.rel, reason))
                 continue
         report.done += 1
-    if bar is not None:
-        bar.update(len(jobs))
 
 
 def _score(job: _Job, out: Image.Image, x: Tensor, k: int, report: _Report) -> str | None:
@@ -1005,8 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report, bar = _Report(), _progress(len(jobs))
     try:
         with _Engine(model, opts) as engine:
-            for k in range(0, len(jobs), args.batch_size):
-                _process(engine, jobs[k : k + args.batch_size], args, report, bar)
+            _run_jobs(engine, jobs, args, report, bar)
     finally:
         if bar is not None:
             bar.close()

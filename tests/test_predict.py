@@ -464,6 +464,28 @@ def test_cli_tiles_ensemble_and_tlc(ckpt, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_cli_batches_equal_sizes_and_runs_tiled_images_alone(ckpt, tmp_path, monkeypatch, capsys):
+    calls = []
+    restore = predict._Engine.restore
+
+    def spy(self, xs):
+        calls.append(len(xs))
+        return restore(self, xs)
+
+    monkeypatch.setattr(predict._Engine, "restore", spy)
+    (tmp_path / "in").mkdir()
+    for name, (h, w) in {"a": (16, 24), "b": (16, 24), "c": (16, 24), "d": (24, 24)}.items():
+        Image.fromarray(u8(h, w)).save(tmp_path / "in" / f"{name}.png")
+    args = ["--model", str(ckpt), "--input", str(tmp_path / "in"), "--batch_size", "2"]
+    assert main([*args, "--output", str(tmp_path / "o1")]) == 0
+    assert calls == [2, 1, 1]
+    calls.clear()
+    tiny_budget = ["--max_memory_mb", "0.05", "--tile_overlap", "4"]
+    assert main([*args, "--output", str(tmp_path / "o2"), *tiny_budget]) == 0
+    assert calls == [1, 1, 1, 1]
+    capsys.readouterr()
+
+
 def test_cli_registry_model(net, mlflow_store, tmp_path, capsys):
     from mlflow import MlflowClient
 
