@@ -87,7 +87,7 @@ PROG = "python -m deblur_lib.predict"
 DEFAULT_MAX_MEMORY_MB = 4096.0  # activation budget per forward (see the module docstring)
 BYTES_PER_PX_PER_WIDTH = 40  # measured 38.9 B/px per channel of width (fp32, CPU)
 BYTES_PER_PX_FIXED = 24  # the (3, H, W) fp32 input and output of one forward
-TLC_BYTES_PER_PX_PER_WIDTH = 12  # allowance for TLC's three box-sum maps (not measured)
+TLC_BYTES_PER_PX_PER_WIDTH = 1  # TLC: measured +0.2 B/px per width (small, 512 px); allowance
 DEFAULT_WIDTH = 32  # assumed for a model without a ``width`` attribute (memory estimate)
 DEFAULT_TLC_CROP = 256  # px; the training crop assumed when a model does not record it
 JPEG_QUALITY = 95  # default JPEG output quality; chroma is kept at 4:4:4 (subsampling=0)
@@ -143,6 +143,8 @@ def plan_tiling(
     means no tiling), else the whole image when its estimate fits ``max_memory_mb``, else the
     largest square tile (a multiple of the model's pad multiple, at least
     2 * tile_overlap + that multiple) that fits."""
+    if tile is not None and not 0 <= tile_overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile); got {tile_overlap} and tile {tile}")
     width = getattr(model, "width", DEFAULT_WIDTH)
     multiple = getattr(model, "multiple", 1)
     budget = float(max_memory_mb)
@@ -271,9 +273,10 @@ class _Engine:
         opts, model = self.opts, self.model
         param = next(model.parameters(), None)
         here = param.device if param is not None else opts.device
+        same = here.type == opts.device.type and opts.device.index in (None, here.index)
         if opts.tlc is not None:
             net = with_local_statistics(model, opts.tlc)
-        elif here != opts.device or opts.channels_last:
+        elif not same or opts.channels_last:
             net = copy.deepcopy(model)
         else:
             net = model
