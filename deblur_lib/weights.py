@@ -1,36 +1,79 @@
-"""Weights on disk: atomic, weights-only files whose contents are checked on every load.
+"""Weights on disk, and every way a model is read back without unpickling.
 
-A checkpoint file is a plain dict saved with ``torch.save`` and read back with
-``torch.load(..., weights_only=True)``: tensors, numbers, strings, lists and dicts only, so
-loading one never runs pickled code. It holds at least ``model`` (a state dict); training
-checkpoints (``deblur_lib.train.checkpoint``) add the optimizer, scheduler, RNG and progress.
+Two kinds of file, both read with ``torch.load(weights_only=True)`` (tensors, numbers,
+strings, lists and dicts only: loading one never runs pickled code):
 
-Integrity (``FORMAT`` 2): torch's zip reader does not check the CRCs of tensor storages, so a
-flipped bit in a checkpoint would load as a silently different weight. ``save_checkpoint``
-therefore stores ``digest``, a SHA-256 (hex str) over the whole payload, every key but
-``digest`` itself: dicts in sorted key order, lists and tuples in order, scalars and strings
-by type and value, and each tensor by dtype, shape and the CRC-32 (``zlib.crc32``) of its
-bytes in row-major order (its contents, not its storage layout or device). CRC-32 rather than
-SHA-256 over the ~80 MB of a base-preset model and AdamW state: it is ~2.5x faster here, and
-it detects every error burst up to 32 bits long and all other corruption but one in 2**32.
-``load_checkpoint`` recomputes it: a mismatch raises the same ValueError as an unreadable
-file (naming the file and both digests). Files of ``FORMAT`` 1 (no digest) still load, with a
-logged warning that they are unverified; a ``FORMAT`` 2 file without its digest is refused.
+* **Checkpoints** (``save_checkpoint`` / ``load_checkpoint``): a plain dict holding at least
+  ``model`` (a state dict); training checkpoints (``deblur_lib.train.checkpoint``) add the
+  optimizer, scheduler, RNG and progress. Written atomically (temp file + ``os.replace``).
+  Integrity (``CHECKPOINT_FORMAT`` 2): torch's zip reader does not check the CRCs of tensor
+  storages, so a flipped bit would load as a silently different weight. ``save_checkpoint``
+  therefore stores ``digest``, a SHA-256 (hex) over the whole payload, every key but
+  ``digest`` itself: dicts in sorted key order, lists and tuples in order, scalars and strings
+  by type and value, and each tensor by dtype, shape and the CRC-32 of its bytes in row-major
+  order (its contents, not its layout or device). CRC-32 rather than SHA-256 over the ~80 MB of
+  a base-preset model and AdamW state: ~2.5x faster, and it detects every error burst up to 32
+  bits and all other corruption but one in 2**32. ``load_checkpoint`` recomputes it; a
+  mismatch raises the same ValueError as an unreadable file. ``CHECKPOINT_FORMAT`` 1 files (no
+  digest) load with a logged warning; a format 2 file without its digest is refused.
+* **Weights files** (``save_weights`` / ``load_from_files``): ``weights.pt`` (a state dict)
+  beside ``config.json`` = ``{"format": WEIGHTS_FORMAT, "architecture": {...}, "sha256": <hex
+  digest of weights.pt>, "train_crop_size": int or null, ...}`` (more keys, such as a model
+  card's, are allowed and ignored). An architecture is ``{"preset": "tiny"|"small"|"base"|null,
+  "width": int, "enc_blocks": [int, ...], "middle_blocks": int, "dec_blocks": [int, ...]}``;
+  explicit keys override the preset's. The file's SHA-256 is checked before it is loaded.
+
+``load_model(spec)`` rebuilds a ``DeblurNet`` from any source:
+
+* ``models:/NAME/VERSION``, ``models:/NAME/latest`` (highest version) or ``models:/NAME@ALIAS``:
+  the MLflow model registry at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``, else
+  ``sqlite:///mlflow.db``). The version is resolved with ``MlflowClient`` and only the two
+  files ``artifacts/config.json`` and ``artifacts/weights.pt`` that the training side logged
+  (``deblur_lib.train.tracking``) are downloaded; MLflow's ``load_model`` is never called. A
+  model logged another way (``mlflow.pytorch.log_model`` pickles the module) is refused.
+  mlflow is imported only there: it is optional for the core.
+* a training checkpoint (``best.pt``, ``last.pt``): the architecture comes from its
+  ``config`` (``model_size``, ``model_width``).
+* a folder holding ``config.json`` + ``weights.pt`` (what ``save_weights`` writes).
+* a shipped name: ``deblur_lib/pretrained/NAME.pt`` with its model card ``NAME.json``.
+
+Every problem (missing file, digest mismatch, a pickle payload, non-finite weights, a state
+dict that does not fit the architecture, an unknown registry entry) raises ``WeightsError``
+(a ``ValueError``) naming the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
+import re
+import tempfile
 import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-FORMAT = 2  # 1: no digest; 2: ``digest`` (see the module docstring)
+from deblur_lib.models import MODEL_PRESETS, DeblurNet
+
+CHECKPOINT_FORMAT = 2  # 1: no digest; 2: ``digest`` (see the module docstring)
+WEIGHTS_FORMAT = "deblur-guard-weights/1"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_MODEL = "deblur-guard-small"  # shipped name used when --model is not given
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default
+WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
+ARCH_KEYS = ("preset", "width", "enc_blocks", "middle_blocks", "dec_blocks")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>.+))$")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})$")  # MLflow 3 model id
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MLFLOW_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # What torch.load raises on a truncated or garbage file (zip reader, then the legacy unpickler)
 _UNREADABLE = (
     RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, IndexError, ValueError
@@ -38,6 +81,24 @@ _UNREADABLE = (
 log = logging.getLogger(__name__)
 
 
+class WeightsError(ValueError):
+    """A model source cannot be loaded safely; the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a model came from. ``kind``: registry, checkpoint, folder or shipped; ``sha256``:
+    of the weights file (None for a checkpoint, which carries its own digest);
+    ``train_crop_size``: px, the training crop (for ``predict``'s TLC), None when unknown."""
+
+    source: str
+    kind: str
+    architecture: dict[str, Any]
+    sha256: str | None
+    train_crop_size: int | None
+
+
+# --- checkpoints ------------------------------------------------------------------------------
 def weights_finite(model: nn.Module) -> bool:
     """True when every parameter and buffer is finite. Syncs: call at epoch boundaries only."""
     tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
@@ -56,7 +117,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict, model: nn.Module | Non
     path = Path(path)
     if model is not None and not weights_finite(model):
         raise ValueError(f"refusing to write {path}: the model's weights are not finite")
-    payload = {k: v for k, v in state.items() if k != "digest"} | {"format": FORMAT}
+    payload = {k: v for k, v in state.items() if k != "digest"} | {"format": CHECKPOINT_FORMAT}
     payload["digest"] = state_digest(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -81,8 +142,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     and check its digest; returns the state without ``digest``.
 
     Raises ValueError naming the file when it is not such a checkpoint, or when its contents
-    do not match its digest (corrupted after it was written). A ``FORMAT`` 1 file (no digest)
-    loads with a logged warning.
+    do not match its digest (corrupted after it was written). A ``CHECKPOINT_FORMAT`` 1 file
+    (no digest) loads with a logged warning.
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -91,8 +152,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a deblur-guard checkpoint (no 'model' entry)")
     stored, fmt = state.pop("digest", None), state.get("format", 1)
-    if not isinstance(fmt, int) or fmt > FORMAT:
-        raise ValueError(f"{path}: checkpoint format {fmt!r}; this deblur_lib reads 1 to {FORMAT}")
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: checkpoint format {fmt!r}; this deblur_lib reads 1 to {CHECKPOINT_FORMAT}"
+        )
     if stored is None and fmt == 1:
         log.warning("%s: format 1 checkpoint without a digest: loaded unverified", path)
     elif stored is None:
@@ -139,3 +202,349 @@ def _feed(h, obj) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())  # repr round-trips (nan, inf, -0.0)
     else:
         raise TypeError(f"checkpoint digest: cannot encode a {type(obj).__name__}: {obj!r:.80}")
+
+
+# --- architecture -----------------------------------------------------------------------------
+def architecture(model: DeblurNet, preset: str | None = None) -> dict[str, Any]:
+    """The architecture config of ``model`` (explicit widths and block counts), JSON-ready."""
+    if not isinstance(model, DeblurNet):
+        raise TypeError(f"architecture() needs a DeblurNet, got {type(model).__name__}")
+    return {
+        "preset": preset,
+        "width": model.width,
+        "enc_blocks": [len(e) for e in model.encoders],
+        "middle_blocks": len(model.middle),
+        "dec_blocks": [len(d) for d in model.decoders],
+    }
+
+
+def preset_architecture(preset: str, width: int | None = None) -> dict[str, Any]:
+    """The architecture config of ``models.build_model(preset, width)``."""
+    if preset not in MODEL_PRESETS:
+        raise WeightsError(
+            f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}"
+        )
+    arch = dict(MODEL_PRESETS[preset], preset=preset)
+    if width is not None:
+        arch["width"] = width
+    arch["enc_blocks"], arch["dec_blocks"] = list(arch["enc_blocks"]), list(arch["dec_blocks"])
+    return {k: arch[k] for k in ARCH_KEYS}
+
+
+def build_from_architecture(arch: Mapping[str, Any]) -> DeblurNet:
+    """A freshly initialised DeblurNet from an architecture config (see the module docstring)."""
+    if not isinstance(arch, Mapping):
+        raise WeightsError(f"architecture must be a JSON object, got {type(arch).__name__}")
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise WeightsError(f"unknown architecture keys {unknown}; expected some of {ARCH_KEYS}")
+    preset = arch.get("preset")
+    kwargs = dict(preset_architecture(preset)) if preset is not None else {}
+    kwargs.update({k: v for k, v in arch.items() if v is not None})
+    kwargs.pop("preset", None)
+    missing = [k for k in ARCH_KEYS[1:] if k not in kwargs]
+    if missing:
+        raise WeightsError(f"architecture {dict(arch)} lacks {missing} (and names no preset)")
+    try:
+        return DeblurNet(
+            width=kwargs["width"],
+            enc_blocks=tuple(kwargs["enc_blocks"]),
+            middle_blocks=kwargs["middle_blocks"],
+            dec_blocks=tuple(kwargs["dec_blocks"]),
+        )
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"invalid architecture {dict(arch)}: {exc}") from None
+
+
+# --- weights files --------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_weights(
+    path: str | os.PathLike, sha256: str, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """A state dict from a weights-only file, after checking its SHA-256 against ``sha256``.
+
+    The digest is checked before ``torch.load`` reads a byte, and ``torch.load`` runs with
+    ``weights_only=True``: a file holding pickled objects (code) is refused either way.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise WeightsError(f"{path}: expected sha256 is not a 64-digit hex string: {sha256!r}")
+    computed = file_sha256(path)
+    if computed != sha256:
+        raise WeightsError(
+            f"{path}: SHA-256 mismatch (expected {sha256}, file has {computed}): "
+            "the weights file is not the one its config describes"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise WeightsError(
+            f"{path}: refused: not a weights-only file (torch.load(weights_only=True) found "
+            f"pickled objects and did not run them: {first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise WeightsError(f"{path}: unreadable weights file ({exc})") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def model_from_state(
+    arch: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
+) -> DeblurNet:
+    """Build ``arch`` and load ``state`` into it (strict; every weight must be finite)."""
+    model = build_from_architecture(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsError(
+            f"{source}: weights do not fit architecture {dict(arch)}: {first}"
+        ) from None
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise WeightsError(f"{source}: non-finite weights in {bad[:5]} ({len(bad)} tensors)")
+    return model.eval()
+
+
+def save_weights(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    train_crop_size: int | None = None,
+    preset: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``folder/weights.pt`` (the CPU state dict, ``torch.save``) and ``folder/config.json``
+    (architecture, SHA-256 of weights.pt, ``train_crop_size``, ``extra`` keys); returns both
+    paths. ``model``: a DeblurNet, also wrapped in DDP or ``torch.compile``."""
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    torch.save(state, weights_path)
+    config = {
+        **(extra or {}),
+        "format": WEIGHTS_FORMAT,
+        "architecture": architecture(net, preset),
+        "sha256": file_sha256(weights_path),
+        "train_crop_size": train_crop_size,
+    }
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return weights_path, config_path
+
+
+def _read_config(path: Path, source: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise WeightsError(f"{source}: {path.name} not found ({path})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{source}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "architecture" not in config or "sha256" not in config:
+        raise WeightsError(f"{source}: {path} lacks 'architecture' and 'sha256'")
+    if config.get("format", WEIGHTS_FORMAT) != WEIGHTS_FORMAT:
+        raise WeightsError(
+            f"{source}: {path} has format {config['format']!r}, expected {WEIGHTS_FORMAT}"
+        )
+    return config
+
+
+def load_from_files(
+    weights_path: str | os.PathLike,
+    config_path: str | os.PathLike,
+    *,
+    source: str | None = None,
+    kind: str = "folder",
+    map_location: str | torch.device = "cpu",
+) -> tuple[DeblurNet, ModelInfo]:
+    """The model described by ``config_path`` (config.json or a model card) with the weights of
+    ``weights_path``, SHA-256 checked; in eval mode on ``map_location``."""
+    source = source or str(weights_path)
+    config = _read_config(Path(config_path), source)
+    state = read_weights(weights_path, config["sha256"], map_location)
+    model = model_from_state(config["architecture"], state, source)
+    crop = config.get("train_crop_size")
+    info = ModelInfo(source, kind, dict(config["architecture"]), config["sha256"], crop)
+    return model.to(map_location), info
+
+
+# --- sources --------------------------------------------------------------------------------
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def shipped_models(pretrained_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the shipped weights (``NAME.pt`` with a ``NAME.json`` card)."""
+    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.pt") if p.with_suffix(".json").is_file())
+
+
+def load_model(
+    spec: str,
+    *,
+    tracking_uri: str | None = None,
+    map_location: str | torch.device = "cpu",
+    pretrained_dir: str | os.PathLike | None = None,
+) -> tuple[DeblurNet, ModelInfo]:
+    """A DeblurNet (eval mode) and its ``ModelInfo`` from ``spec``: ``models:/NAME/VERSION``,
+    ``models:/NAME/latest``, ``models:/NAME@ALIAS``, a checkpoint file, a folder with
+    config.json + weights.pt, or a shipped name (``pretrained_dir``, default
+    ``deblur_lib/pretrained``). Never unpickles; raises WeightsError naming the source."""
+    if not isinstance(spec, str) or not spec:
+        raise WeightsError(f"model spec must be a non-empty string, got {spec!r}")
+    if spec.startswith("models:/"):
+        return _load_registered(spec, resolve_tracking_uri(tracking_uri), map_location)
+    path = Path(spec)
+    if path.is_dir():
+        weights, config = path / WEIGHTS_FILE, path / CONFIG_FILE
+        return load_from_files(weights, config, source=spec, map_location=map_location)
+    if path.is_file():
+        return _load_checkpoint(path, map_location)
+    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
+    if "/" not in spec and os.sep not in spec and (folder / f"{spec}.pt").is_file():
+        return load_from_files(
+            folder / f"{spec}.pt",
+            folder / f"{spec}.json",
+            source=spec,
+            kind="shipped",
+            map_location=map_location,
+        )
+    shipped = shipped_models(folder)
+    raise WeightsError(
+        f"model {spec!r} not found: give models:/NAME/VERSION, models:/NAME/latest, "
+        "models:/NAME@ALIAS, a checkpoint file (best.pt/last.pt), a folder with config.json + "
+        f"weights.pt, or shipped weights ({', '.join(shipped) if shipped else 'none installed'})"
+    )
+
+
+def _load_checkpoint(path: Path, map_location) -> tuple[DeblurNet, ModelInfo]:
+    try:
+        state = load_checkpoint(path, map_location=map_location)
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+    config = state.get("config")
+    if not isinstance(config, Mapping) or "model_size" not in config:
+        raise WeightsError(f"{path}: checkpoint has no config with 'model_size'")
+    arch = preset_architecture(config["model_size"], config.get("model_width"))
+    model = model_from_state(arch, state["model"], str(path))
+    crop = config.get("crop_size")
+    info = ModelInfo(str(path), "checkpoint", arch, None, crop if isinstance(crop, int) else None)
+    return model.to(map_location), info
+
+
+def _sqlite_store_missing(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI when it does not exist (MLflow would create
+    it; a lookup must not), else None."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db = Path(tracking_uri[len(prefix) :].split("?", 1)[0])
+    return None if db.is_file() else db
+
+
+def resolve_registered(spec: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
+    """(name, version, artifact URI of that version's MLflow model) for a ``models:/`` spec;
+    for ``models:/<model_id>`` (the URI ``Tracker.log_model`` returns) name is the model id
+    and version is empty."""
+    match, logged = _MODELS_URI.match(spec), _LOGGED_MODEL_URI.match(spec)
+    if match is None and logged is None:
+        raise WeightsError(
+            f"{spec!r}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS"
+        )
+    uri = resolve_tracking_uri(tracking_uri)
+    missing = _sqlite_store_missing(uri)
+    if missing is not None:
+        raise WeightsError(f"{spec}: no MLflow store at {missing} (tracking URI {uri})")
+    from mlflow import MlflowClient  # optional dependency: only models:/ specs need it
+    from mlflow.exceptions import MlflowException
+
+    if logged is not None:
+        try:
+            model = MlflowClient(tracking_uri=uri).get_logged_model(logged["model_id"])
+        except MlflowException as exc:
+            raise WeightsError(f"{spec}: {exc.message} (tracking URI {uri})") from None
+        return logged["model_id"], "", model.artifact_location
+
+    name, version, alias = match["name"], match["version"], match["alias"]
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        elif version == "latest":
+            escaped = name.replace("'", "\\'")
+            found = client.search_model_versions(f"name = '{escaped}'")
+            if not found:
+                raise WeightsError(f"{spec}: registered model {name!r} has no versions ({uri})")
+            version = max(found, key=lambda mv: int(mv.version)).version
+        else:
+            client.get_model_version(name, version)
+        artifact_uri = client.get_model_version_download_uri(name, version)
+    except MlflowException as exc:
+        raise WeightsError(f"{spec}: {exc.message} (tracking URI {uri})") from None
+    return name, str(version), artifact_uri
+
+
+def _load_registered(spec: str, uri: str, map_location) -> tuple[DeblurNet, ModelInfo]:
+    name, version, artifact_uri = resolve_registered(spec, uri)
+    import mlflow.artifacts  # optional dependency: only models:/ specs need it
+    from mlflow.exceptions import MlflowException
+
+    resolved = f"models:/{name}/{version}"
+    source = spec if spec == resolved else f"{spec} ({resolved})"
+    with tempfile.TemporaryDirectory(prefix="deblur_model_") as tmp, _env(_MLFLOW_BAR_ENV, "false"):
+        local = {}
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            try:
+                local[file] = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{artifact_uri.rstrip('/')}/artifacts/{file}",
+                    dst_path=tmp,
+                    tracking_uri=uri,
+                )
+            except (MlflowException, OSError) as exc:
+                raise WeightsError(
+                    f"{source}: no artifacts/{file} in the logged model ({exc}); only models "
+                    "logged by deblur_lib.train.tracking load without unpickling"
+                ) from None
+        return load_from_files(
+            local[WEIGHTS_FILE],
+            local[CONFIG_FILE],
+            source=source,
+            kind="registry",
+            map_location=map_location,
+        )
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) an environment variable for the block, then restore it."""
+    saved = os.environ.get(name)
+    try:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved

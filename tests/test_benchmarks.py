@@ -38,6 +38,7 @@ SCRIPTS = {
     ),
     "throughput": (["--no_compile"], {"config", "variants", "target"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
+    "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
     "quality": (
         ["--data_dir", "{tmp}/data", "--set", "beta=0.5"],
         {"settings", "fit", "test", "gains", "target"},

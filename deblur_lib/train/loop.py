@@ -427,7 +427,13 @@ class Trainer:
         if self.ctx.is_main:
             self._log_figures()
             if best is not None and cfg.log_model:
-                self.tracker.log_model(self.model, cfg.registered_model_name, self.loaders.example)
+                self.tracker.log_model(
+                    self.model,
+                    cfg.registered_model_name,
+                    self.loaders.example,
+                    train_crop_size=cfg.crop_size,
+                    preset=cfg.model_size if cfg.model_width is None else None,
+                )
         self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
         if self.ctx.is_main:
             log.log(logging.INFO if reason == "completed" else logging.WARNING, line)

@@ -19,10 +19,10 @@
   MLflow per request, process-wide) ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``,
   ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=10`` (MLflow's
   defaults, 7 retries with backoff 2 and 120 s, make a dead server cost minutes per call).
-* Models: ``mlflow.pytorch`` with ``serialization_format="pickle"`` (MLflow 3 defaults to
-  ``pt2``, a ``torch.export`` graph traced at one input size; our model pads to any size),
-  a CPU copy of the unwrapped module, explicit pip requirements (inference spawns a
-  subprocess), linked to the run. Loading needs ``deblur_lib`` importable.
+* Models: weights-only artifacts (``config.json`` + ``weights.pt``, SHA-256 checked), logged
+  as a models-from-code pyfunc (``mlflow_model.py``) and registered; nothing is pickled, and
+  ``deblur_lib.weights.load_model("models:/NAME/VERSION")`` rebuilds the net without MLflow's
+  loader (``predict`` and notebook 06 load it that way).
 
 ``import deblur_lib.train.tracking`` does not import mlflow (heavy: seconds); it is imported
 on first use, so DDP ranks other than 0 (``enabled=False``) never import it.
@@ -31,17 +31,21 @@ on first use, so DDP ranks other than 0 (``enabled=False``) never import it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
+
+from deblur_lib.weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def invalid_reason(name: str, value: float | None) -> str | None:
 
 def _is_outage(exc: BaseException) -> bool:
     """True when ``exc`` (or what it wraps) is a connection error, timeout or retry exhaustion."""
-    import requests
+    import requests  # heavy: on first use
 
     exc_types = requests.exceptions
     kinds = (exc_types.ConnectionError, exc_types.Timeout, exc_types.RetryError)
@@ -109,8 +113,6 @@ def _quiet(logger_name: str, prefix: str) -> Iterator[None]:
 
 def _default_write_jsonl() -> bool:
     """Only one process of a DDP job writes metrics.jsonl: global rank 0."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
@@ -168,7 +170,7 @@ class Tracker:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.enabled:
             return run_id or ""
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: on first use
 
         self._client = MlflowClient(self.tracking_uri)
         self._submit("start", (run_name, run_id))
@@ -228,11 +230,24 @@ class Tracker:
         if self.enabled:
             self._submit("artifact", (str(path), artifact_path))
 
-    def log_model(self, model, registered_model_name: str | None = None, input_example=None):
-        """Log ``model`` (unwrapped from DDP / torch.compile, copied to the CPU) to the run with
-        pickle serialization; register it when ``registered_model_name`` is given.
-        ``input_example``: (1, 3, H, W) model-space tensor or array, stored with a signature.
-        Returns the model URI (``models:/<model_id>``), or None when disabled or offline."""
+    def log_model(
+        self,
+        model,
+        registered_model_name: str | None = None,
+        input_example=None,
+        *,
+        train_crop_size: int | None = None,
+        preset: str | None = None,
+        description: str | None = None,
+    ):
+        """Log ``model`` (unwrapped from DDP / torch.compile) to the run as an MLflow pyfunc
+        whose artifacts are ``config.json`` + ``weights.pt`` (``weights.save_weights``: a
+        weights-only state dict and its SHA-256; nothing pickled), and register it when
+        ``registered_model_name`` is given (``description``: the version's text, e.g. its model
+        card). ``input_example``: (1, 3, H, W) model-space tensor, cut to 32 x 32 px (MLflow
+        stores it as JSON and runs the model on it once). ``weights.load_model("models:/...")``
+        reads it back without MLflow's loader. Returns the model URI (``models:/<model_id>``),
+        or None when disabled or offline."""
         if not self.enabled:
             return None
         if self.offline:
@@ -240,23 +255,22 @@ class Tracker:
         if self.offline or not self.run_id:
             log.warning("tracking server unreachable: model not logged to MLflow")
             return None
-        import mlflow.pytorch
+        import mlflow  # heavy: imported on first use (module docstring)
 
         module = getattr(model, "module", model)
         module = getattr(module, "_orig_mod", module)
-        cpu_model = copy.deepcopy(module).to("cpu").eval()
-        if input_example is not None and hasattr(input_example, "detach"):
-            input_example = input_example.detach().float().cpu().numpy()
+        if input_example is not None:
+            input_example = input_example[:1, :, :32, :32].detach().float().cpu().numpy()
         try:
-            with self._global_uri(), _quiet("mlflow.pytorch", "Saving pytorch model by Pickle"):
-                logged = self._client.create_logged_model(
-                    self.experiment_id, name="model", source_run_id=self.run_id
-                )
-                info = mlflow.pytorch.log_model(
-                    cpu_model, name="model", model_id=logged.model_id, run_id=self.run_id,
-                    registered_model_name=registered_model_name, input_example=input_example,
-                    serialization_format="pickle", pip_requirements=_pip_requirements(),
+            with self._global_uri():
+                info = _log_weights_model(
+                    self._client, self.experiment_id, self.run_id, module, input_example,
+                    registered_model_name, train_crop_size=train_crop_size, preset=preset,
                 )  # fmt: skip
+                if registered_model_name and description and info.registered_model_version:
+                    self._client.update_model_version(
+                        registered_model_name, info.registered_model_version, description
+                    )
         except (mlflow.exceptions.MlflowException, OSError) as exc:
             if not _is_outage(exc):
                 raise
@@ -265,13 +279,6 @@ class Tracker:
             return None
         self.set_tags({"best_model_uri": info.model_uri})
         return info.model_uri
-
-    def load_model(self, model_uri: str, map_location: str = "cpu"):
-        """``mlflow.pytorch.load_model`` against this tracker's store (``models:/...``)."""
-        import mlflow.pytorch
-
-        with self._global_uri():
-            return mlflow.pytorch.load_model(model_uri, map_location=map_location)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run terminated (FINISHED, FAILED or KILLED) after one last replay."""
@@ -298,7 +305,7 @@ class Tracker:
     def _global_uri(self) -> Iterator[None]:
         """mlflow.pytorch uses the process-wide URI: set it, then restore it and the env var
         (``set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI`` and the restore unsets it)."""
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # heavy: on first use
 
         saved = os.environ.get("MLFLOW_TRACKING_URI")
         try:
@@ -326,7 +333,7 @@ class Tracker:
                 log.info("MLflow tracking server reachable again: queued calls sent")
 
     def _flush(self) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # heavy: on first use
 
         self._last_try = time.monotonic()
         with _quiet("urllib3.connectionpool", "Retrying"):  # one warning per outage is ours
@@ -353,7 +360,7 @@ class Tracker:
         self.offline = True
 
     def _send(self, op: str, payload: Any) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # heavy: on first use
 
         client = self._client
         if op == "start":
@@ -383,7 +390,7 @@ class Tracker:
             client.set_terminated(self.run_id, payload)
 
     def _start_run(self, run_name: str | None, run_id: str | None) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # heavy: on first use
 
         client = self._client
         if run_id:
@@ -419,13 +426,49 @@ class Tracker:
         return (Path(db).resolve().parent / "mlruns").as_uri()
 
 
-def _pip_requirements() -> list[str]:
-    import cloudpickle
-    import numpy
-    import torch
+def _log_weights_model(
+    client, experiment_id: str, run_id: str, model, input_example, registered_model_name,
+    *, train_crop_size: int | None, preset: str | None,
+):  # fmt: skip
+    """``mlflow.pyfunc.log_model`` of ``model`` as weights-only artifacts (see
+    ``Tracker.log_model``); the pyfunc is models-from-code (``mlflow_model.py``, copied into the
+    model), so ``mlflow.pyfunc.load_model`` unpickles nothing either. Returns MLflow's
+    ``ModelInfo``. The caller sets the process-wide tracking URI."""
+    import mlflow.pyfunc  # heavy: imported on first use (module docstring)
+    import numpy as np
+    from mlflow.models.signature import ModelSignature  # heavy: on first use
+    from mlflow.types.schema import Schema, TensorSpec  # heavy: on first use
 
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"cloudpickle=={cloudpickle.__version__}",
-        f"numpy=={numpy.__version__}",
+    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))])
+    with tempfile.TemporaryDirectory(prefix="deblur_log_model_") as tmp:
+        weights_path, config_path = save_weights(
+            model, tmp, train_crop_size=train_crop_size, preset=preset
+        )
+        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+        saved_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bar in training logs
+        try:
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"weights": str(weights_path), "config": str(config_path)},
+                signature=ModelSignature(inputs=spec, outputs=spec),
+                input_example=input_example,
+                registered_model_name=registered_model_name,
+                pip_requirements=_pip_requirements(),
+                model_id=logged.model_id,
+            )
+        finally:
+            if saved_bar is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved_bar
+
+
+def _pip_requirements() -> list[str]:
+    """What serving the logged pyfunc needs: the versions installed here."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "numpy", "pillow")] + [
+        "deblur-guard"
     ]

@@ -29,7 +29,7 @@ from deblur_lib.train.checkpoint import (
 )
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.loop import build_scheduler
-from deblur_lib.weights import FORMAT, load_checkpoint, save_checkpoint, state_digest
+from deblur_lib.weights import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, state_digest
 
 
 def _state(value: float = 1.0) -> dict:
@@ -40,7 +40,9 @@ def test_save_and_load_roundtrip(tmp_path, caplog):
     path = save_checkpoint(tmp_path / "sub" / "last.pt", _state())
     with caplog.at_level(logging.WARNING, logger="deblur_lib"):
         state = load_checkpoint(path)
-    assert state["epoch"] == 3 and state["format"] == FORMAT == 2 and "digest" not in state
+    assert (
+        state["epoch"] == 3 and state["format"] == CHECKPOINT_FORMAT == 2 and "digest" not in state
+    )
     assert torch.equal(state["model"]["w"], torch.ones(4))
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left
     raw = torch.load(path, weights_only=True)  # the digest is a plain str field

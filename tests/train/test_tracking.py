@@ -282,31 +282,44 @@ def test_non_outage_errors_propagate(tracker, monkeypatch):
     assert not tracker.offline
 
 
-def test_log_model_registers_and_loads_back(tracker, store, monkeypatch):
-    import mlflow.pytorch
+def test_log_model_registers_weights_only_and_loads_back(tracker, store, monkeypatch):
+    """The registered model is config.json + weights.pt: weights.load_model rebuilds it
+    without unpickling, and MLflow's own pyfunc loader (models-from-code) agrees."""
+    import mlflow.pyfunc
+
+    from deblur_lib.models import build_model
+    from deblur_lib.weights import load_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        model.ending.weight.normal_(0, 0.1)  # not the identity
     run_id = tracker.start(run_name="model")
-    example = torch.rand(1, 3, 16, 16) * 2 - 1
-    uri = tracker.log_model(model, registered_model_name="deblur_test", input_example=example)
+    example = torch.rand(1, 3, 40, 40) * 2 - 1
+    uri = tracker.log_model(
+        model, "deblur_test", example, train_crop_size=32, preset="tiny", description="card"
+    )
     tracker.end()
     assert uri.startswith("models:/")
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the global URI was restored
     x = torch.rand(2, 3, 24, 20) * 2 - 1
-    for source in (uri, "models:/deblur_test/latest"):
-        loaded = tracker.load_model(source)
-        torch.testing.assert_close(loaded(x), model(x))
+    with torch.no_grad():
+        expected = model(x)
+    for source in (uri, "models:/deblur_test/latest", "models:/deblur_test/1"):
+        loaded, info = load_model(source, tracking_uri=store)
+        assert info.kind == "registry" and info.train_crop_size == 32
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected)
     mlflow.set_tracking_uri(store)
     try:
-        same = mlflow.pytorch.load_model("models:/deblur_test/1")
+        served = mlflow.pyfunc.load_model("models:/deblur_test/1").predict(x.numpy())
     finally:
         mlflow.set_tracking_uri(None)
-    torch.testing.assert_close(same(x), model(x))
+    torch.testing.assert_close(torch.from_numpy(served), expected.clamp(-1, 1))
     client = _client(store)
     (version,) = client.search_model_versions("name='deblur_test'")
-    assert version.run_id == run_id
+    assert version.run_id == run_id and version.description == "card"
     assert client.get_run(run_id).data.tags["best_model_uri"] == uri
     logged = client.get_logged_model(uri.split("/")[-1])
     assert logged.experiment_id == client.get_run(run_id).info.experiment_id
