@@ -277,10 +277,10 @@ def find_mlflow_runs(
 
 def attach_mlflow_runs(summary: NotebookSummary, cwd: Path, ui: str = MLFLOW_UI) -> None:
     """Fill ``summary.runs`` (or ``runs_note`` when the store cannot be read)."""
-    from mlflow.exceptions import MlflowException
-
     if not (summary.tracking_uri and summary.start and summary.end):
         return
+    from mlflow.exceptions import MlflowException
+
     try:
         uri = resolve_tracking_uri(summary.tracking_uri, cwd)
         summary.runs = find_mlflow_runs(uri, summary.start, summary.end, ui)
