@@ -125,10 +125,7 @@ def run_job(notebooks: list[Path], out_dir: Path, params: dict[str, object], smo
     executed = [out_dir / p.name for p in ran if (out_dir / p.name).is_file()]
     not_run = [p.stem for p in notebooks[len(ran) :]]
     result = report.write_report(executed, out_dir, not_run=not_run, cwd=REPO)
-    counts = {k: sum(s.status == k for s in result.notebooks) for k in ("ok", "failed", "not run")}
-    total = sum(s.seconds or 0.0 for s in result.notebooks)
-    tally = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-    say(f"{len(notebooks)} notebooks: {tally}; {total:.0f} s; executed copies in {out_dir}")
+    say(f"{report.tally(result.notebooks)}; executed copies in {out_dir}")
     say(f"report: {result.index.resolve()}")
     for uri in result.tracking_uris or [report.DEFAULT_TRACKING_URI]:
         relative = report.resolve_tracking_uri(uri, REPO) != uri

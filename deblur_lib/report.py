@@ -28,6 +28,7 @@ import copy
 import html
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -90,15 +91,26 @@ def _error_text(ename: str, evalue: str) -> str:
     return f"{ename}: {lines[0]}" if lines else ename
 
 
+def _cell_error(cell: nbformat.NotebookNode) -> str | None:
+    """The cell's error as papermill judges it: an error output other than ``sys.exit(0)``, or
+    papermill's failure mark on a cell that left no error output."""
+    for out in cell.get("outputs", []):
+        clean_exit = out.get("ename") == "SystemExit" and out.get("evalue") in ("", "0")
+        if out.output_type == "error" and not clean_exit:
+            return _error_text(out.ename, out.evalue)
+    if cell.metadata.get("papermill", {}).get("exception") is True:
+        return "CellExecutionError"
+    return None
+
+
 def find_failure(nb: nbformat.NotebookNode) -> CellFailure | None:
-    """The first code cell with an error output, or the failure the runner recorded in the
-    notebook's metadata (a dead kernel, a timeout, an interrupt); ``None`` when nothing failed."""
+    """The first code cell with an error (``_cell_error``), or the failure the runner recorded in
+    the notebook's metadata (kernel died before any cell); ``None`` when nothing failed."""
     cells = code_cells(nb)
     for n, i in enumerate(cells, start=1):
-        for out in nb.cells[i].get("outputs", []):
-            if out.output_type == "error":
-                error = _error_text(out.ename, out.evalue)
-                return CellFailure(n, len(cells), first_line(nb.cells[i].source), error)
+        error = _cell_error(nb.cells[i])
+        if error:
+            return CellFailure(n, len(cells), first_line(nb.cells[i].source), error)
     recorded = nb.metadata.get(RUNNER_META, {}).get("failure")
     if recorded:
         return CellFailure(None, len(cells), "", recorded)
@@ -198,18 +210,18 @@ class Progress:
         self.name, self.write = name, write
         self.cells: list[int] = []
         self.cell_index: int | None = None
-        self.t0 = datetime.now()
+        self.t0 = time.monotonic()
 
     def notebook_start(self, notebook: nbformat.NotebookNode, **_: object) -> None:
         self.cells = code_cells(notebook)
-        self.t0 = datetime.now()
+        self.t0 = time.monotonic()
 
     def cell_start(self, cell: nbformat.NotebookNode, cell_index: int, **_: object) -> None:
         if cell_index not in self.cells:  # markdown or blank: nothing runs
             return
         self.cell_index = cell_index
         n, total = self.cells.index(cell_index) + 1, len(self.cells)
-        elapsed = (datetime.now() - self.t0).total_seconds()
+        elapsed = time.monotonic() - self.t0
         self.write(f"  {self.name} cell {n}/{total} at {elapsed:.0f} s: {first_line(cell.source)}")
 
 
@@ -281,8 +293,8 @@ def attach_mlflow_runs(summary: NotebookSummary, cwd: Path, ui: str = MLFLOW_UI)
         return
     from mlflow.exceptions import MlflowException
 
+    uri = resolve_tracking_uri(summary.tracking_uri, cwd)
     try:
-        uri = resolve_tracking_uri(summary.tracking_uri, cwd)
         summary.runs = find_mlflow_runs(uri, summary.start, summary.end, ui)
     except (FileNotFoundError, MlflowException) as exc:
         summary.runs_note = str(exc).splitlines()[0]
@@ -305,8 +317,9 @@ _OFFLINE_TEMPLATE = """\
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {%- block body_header -%}
 {{ super() }}
-<p style="font: 14px system-ui, sans-serif; margin: 0 0 1em"><a href="index.html">&larr; all
-notebooks of this run</a></p>
+<nav style="font: 14px/1.4 system-ui, sans-serif; padding: 0 0 .6em; margin: 0 0 1em;
+border-bottom: 1px solid #ddd"><a href="index.html">&larr; all notebooks of this run</a>
+{%- if resources.banner %} &middot; {{ resources.banner | e }}{% endif %}</nav>
 {%- endblock body_header -%}
 """
 
@@ -337,8 +350,9 @@ def _static_widgets(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def notebook_html(nb: nbformat.NotebookNode) -> str:
-    """A self-contained HTML page of an executed notebook (figures embedded, nothing fetched)."""
+def notebook_html(nb: nbformat.NotebookNode, banner: str = "") -> str:
+    """A self-contained HTML page of an executed notebook (figures embedded, nothing fetched);
+    ``banner``: a line of text shown at the top, beside the link back to ``index.html``."""
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
@@ -348,7 +362,7 @@ def notebook_html(nb: nbformat.NotebookNode) -> str:
         template_file="offline.html.j2",
         embed_images=True,
     )
-    body, _ = exporter.from_notebook_node(_static_widgets(nb))
+    body, _ = exporter.from_notebook_node(_static_widgets(nb), resources={"banner": banner})
     return body
 
 
@@ -365,6 +379,7 @@ td.name { white-space: nowrap; font-weight: 600; }
 td.time { white-space: nowrap; text-align: right; }
 ul { margin: 0; padding-left: 1.1em; }
 li { margin: .1em 0; }
+li.run { white-space: nowrap; }
 .ok { color: #1a7f37; font-weight: 600; }
 .failed { color: #c62828; font-weight: 600; }
 .notrun { color: #888; }
@@ -390,7 +405,7 @@ def _row(s: NotebookSummary) -> str:
         for v in s.verdicts
     )
     runs = "".join(
-        f'<li><a href="{_e(r.url)}">{_e(r.run_name)}</a> '
+        f'<li class="run"><a href="{_e(r.url)}">{_e(r.run_name)}</a> '
         f'<span class="small">{_e(r.experiment)}, {_e(r.status.lower())}</span></li>'
         for r in s.runs
     )
@@ -408,19 +423,25 @@ def _row(s: NotebookSummary) -> str:
     )
 
 
-def index_html(summaries: Sequence[NotebookSummary], title: str, ui_commands: Sequence[str]) -> str:
-    """The report's front page: one table row per notebook."""
+def tally(summaries: Sequence[NotebookSummary]) -> str:
+    """``7 notebooks: 6 ok, 1 failed; 192 s``: the job in one line (time: the notebooks' own)."""
     counts = {k: sum(s.status == k for s in summaries) for k in ("ok", "failed", "not run")}
     total = sum(s.seconds or 0.0 for s in summaries)
-    tally = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    states = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return f"{len(summaries)} notebooks: {states}; {total:.0f} s"
+
+
+def index_html(summaries: Sequence[NotebookSummary], title: str, ui_commands: Sequence[str]) -> str:
+    """The report's front page: one table row per notebook."""
     commands = " or ".join(f"<code>{_e(c)}</code>" for c in ui_commands)
     footer = (
         f'<p class="small">The MLflow links open in the MLflow UI at {_e(MLFLOW_UI)}; start it '
-        f"with {commands} (from the directory the notebooks ran in).</p>"
+        f"with {commands}.</p>"
         if ui_commands
         else ""
     )
     rows = "\n".join(_row(s) for s in summaries)
+    written = f"{datetime.now():%Y-%m-%d %H:%M}"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -431,8 +452,7 @@ def index_html(summaries: Sequence[NotebookSummary], title: str, ui_commands: Se
 </head>
 <body>
 <h1>{_e(title)}</h1>
-<p class="meta">{len(summaries)} notebooks: {_e(tally)}; {total:.0f} s of notebook time.
-Written {datetime.now():%Y-%m-%d %H:%M}.</p>
+<p class="meta">{_e(tally(summaries))} of notebook time. Written {written}.</p>
 <table>
 <thead><tr><th>Notebook</th><th>Status</th><th>Verdicts</th><th>Time</th>
 <th>MLflow runs</th></tr></thead>
@@ -483,16 +503,21 @@ def write_report(
         summary = summarize(path)
         attach_mlflow_runs(summary, cwd, ui)
         summary.page = f"{path.stem}.html"
-        page = notebook_html(nbformat.read(path, as_version=4))
+        banner = outcome_lines(summary)[-1]  # "05_train ok in 40 s", or where it failed
+        page = notebook_html(nbformat.read(path, as_version=4), banner)
         (out_dir / summary.page).write_text(page, encoding="utf-8")
         summaries.append(summary)
     summaries += [NotebookSummary(name=name, status="not run") for name in not_run]
     uris = list(dict.fromkeys(s.tracking_uri for s in summaries if s.tracking_uri))
     index = out_dir / "index.html"
     title = title or f"deblur-guard notebooks: {out_dir.resolve().name}"
-    index.write_text(
-        index_html(summaries, title, [mlflow_ui_command(u) for u in uris]), encoding="utf-8"
-    )
+    commands = [
+        mlflow_ui_command(u)
+        if resolve_tracking_uri(u, cwd) == u
+        else f"cd {cwd} && {mlflow_ui_command(u)}"  # the store's path is relative to cwd
+        for u in uris
+    ]
+    index.write_text(index_html(summaries, title, commands), encoding="utf-8")
     return Report(index=index, notebooks=summaries, tracking_uris=uris)
 
 

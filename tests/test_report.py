@@ -117,7 +117,8 @@ def test_pages_embed_figures_and_fetch_nothing(built):
         assert not EXTERNAL.findall(page), "the page fetches something from the network"
         assert "<script src" not in page
         assert "Verdict" in page and 'href="index.html"' in page
-    assert "ValueError" in (out / "01_failed.html").read_text()
+    banner = "01_failed FAILED at cell 3/3 `raise_it()  # the failing cell`: ValueError: crop"
+    assert html.escape(banner) in (out / "01_failed.html").read_text()
     assert not EXTERNAL.findall(index)  # no tracking store: no MLflow links
 
 
@@ -145,6 +146,13 @@ def test_a_failure_without_an_error_output_is_recorded(tmp_path):
     assert str(summary.failure) == "at cell 2/2 `show(figure)`: DeadKernelError: Kernel died"
     report.record_failure(path := _write(tmp_path, "x", _executed("x", [])), None, "E: early")
     assert str(report.summarize(path).failure) == "before the first cell: E: early"
+
+
+def test_sys_exit_zero_is_not_a_failure_as_in_papermill():
+    nb = _executed("exit", ["Verdict: holds: e"], error=("SystemExit", "0"))
+    assert report.find_failure(nb) is None
+    nb.cells[-1].outputs[0].evalue = "2"
+    assert report.find_failure(nb).error == "SystemExit: 2"
 
 
 def test_verdict_lines_are_those_starting_with_verdict():
