@@ -313,6 +313,7 @@ def step_harness(
         per_step_schedule=False,  # constant lr: no scheduler stepping inside the step
         scheduler=None,
         guarded=guarded,
+        bf16=amp == "bf16",
         last_batch=None,
         acc=torch.zeros(3, dtype=torch.float64, device=device),
     )

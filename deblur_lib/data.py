@@ -5,7 +5,8 @@ returns model space (float32 (3, H, W) in [-1, 1]). Layouts (same relative names
 `root/blur/**/NAME` + `root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` +
 `root/<seq>/sharp/NAME`. Every input problem raises `DatasetError` naming the file.
 Training order and crops: `GlobalBatchSampler` + `KeyedCrops` (the same crops for any number
-of processes and workers); `data_range_problem` checks that pixels are in model space.
+of processes and workers), or `FreshKeys` for endless generated data (never a sample twice);
+`data_range_problem` checks that pixels are in model space.
 The synthetic dataset itself is `deblur_lib.synth` (`synthesize` is re-exported here).
 
 CLI: `python -m deblur_lib.data synth --out data --n_train 400 --n_test 50 --size 256 --seed 0`
@@ -31,6 +32,7 @@ from deblur_lib.synth import synthesize
 
 __all__ = [
     "DatasetError",
+    "FreshKeys",
     "GlobalBatchSampler",
     "KeyedCrops",
     "PairedImageFolder",
@@ -391,6 +393,25 @@ class KeyedCrops(Dataset):
         else:
             torch.manual_seed(seed)  # a worker process's own RNG
         return self.dataset[i]
+
+
+class FreshKeys(Dataset):
+    """An endless dataset (``synth.SyntheticPairs``) read by ``GlobalBatchSampler`` keys
+    ``(epoch, position, i)``: the sample is number ``epoch * per_epoch + position``, so no
+    sample is drawn twice in a run (``per_epoch``: positions in an epoch, all ranks), and a
+    resumed run replays an epoch with the same samples, for any number of ranks or workers."""
+
+    def __init__(self, dataset: Dataset, per_epoch: int) -> None:
+        if isinstance(per_epoch, bool) or not isinstance(per_epoch, int) or per_epoch < 1:
+            raise ValueError(f"per_epoch must be an int >= 1, got {per_epoch!r}")
+        self.dataset, self.per_epoch = dataset, per_epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position, _ = key
+        return self.dataset[epoch * self.per_epoch + position]
 
 
 def data_range_problem(blur: torch.Tensor, sharp: torch.Tensor) -> str | None:

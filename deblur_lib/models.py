@@ -6,7 +6,12 @@ The net predicts a residual that is added to the input; the residual scales (bet
 the last convolution start at zero, so an untrained net is exactly the identity. Any H, W >= 1
 works: the input is padded (reflect, or replicate when the image is too small to reflect) to
 a multiple of 2**levels and the output cropped back. No batch statistics: each sample's
-output depends on that sample only. Works with `memory_format=torch.channels_last`.
+output depends on that sample only. Works with `memory_format=torch.channels_last`, and is
+faster there: in that layout (the training default on every device, `train.config`) the 1x1
+convolutions run as matrix products over the contiguous channels (`F.linear`) and LayerNorm2d
+as `F.layer_norm` over them, with the same parameters and the same result to float rounding
+(measured on this project's 2-core AVX2 CPU, small preset, batch 8, 128 px, fp32: a training
+step 1.43x faster than NCHW, where channels_last with stock convolutions gave 1.04x).
 
 Presets (parameter counts measured with `count_parameters`, checked by the tests):
 
@@ -40,6 +45,22 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """(N, C, H, W) stored as NHWC (and not trivially so: C > 1)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1, ungrouped, unstrided convolution. On a channels_last ``x``
+    (N, C, H, W) it is computed as ``F.linear`` over the contiguous channels (one GEMM; oneDNN's
+    NCHW and NHWC 1x1 convolutions are several times slower on the CPU at these small channel
+    counts); the result is channels_last too."""
+    if _channels_last(x):
+        w = conv.weight.view(conv.out_channels, conv.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), w, conv.bias).permute(0, 3, 1, 2)
+    return conv(x)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels at each pixel of (N, C, H, W); statistics in float32 (so fp16
     activations cannot overflow the variance), output in the input dtype."""
@@ -51,6 +72,12 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _channels_last(x):  # the channels are the contiguous dim: one fused layer_norm
+            y = F.layer_norm(
+                x.permute(0, 2, 3, 1).float(), (x.shape[1],), self.weight.view(-1),
+                self.bias.view(-1), self.eps,
+            )  # fmt: skip
+            return y.permute(0, 3, 1, 2).to(x.dtype)
         x32 = x.float()
         mean = x32.mean(dim=1, keepdim=True)
         var = (x32 - mean).square().mean(dim=1, keepdim=True)
@@ -87,10 +114,10 @@ class NAFBlock(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = self.gate(self.conv2(self.conv1(self.norm1(inp))))
-        x = self.conv3(x * self.sca(x))
+        x = self.gate(self.conv2(pointwise(self.conv1, self.norm1(inp))))
+        x = pointwise(self.conv3, x * self.sca(x))
         y = inp + x * self.beta
-        x = self.conv5(self.gate(self.conv4(self.norm2(y))))
+        x = pointwise(self.conv5, self.gate(pointwise(self.conv4, self.norm2(y))))
         return y + x * self.gamma
 
 

@@ -39,10 +39,7 @@ SCRIPTS = {
     "throughput": (["--no_compile"], {"config", "variants", "target"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
-    "quality": (
-        ["--data_dir", "{tmp}/data", "--set", "beta=0.5"],
-        {"settings", "fit", "test", "gains", "target"},
-    ),
+    "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
 }
 
 
@@ -120,16 +117,16 @@ def test_summary_and_peak_memory():
 
 def test_quality_set_overrides_reach_the_training_config(tmp_path_factory):
     result = _run("quality", tmp_path_factory)
-    assert result["settings"]["beta"] == 0.5 and result["train_config"]["beta"] == 0.5
-    assert "--set beta=0.5" in result["settings_from"]
+    assert result["train_config"]["beta"] == 0.5 and result["overrides"] == ["beta=0.5"]
+    assert result["test"]["n_images"] == 2 and result["fit"]["stop_reason"] == "completed"
 
 
 def test_quality_set_rejects_unknown_keys_and_reads_yaml_values():
     import quality
 
-    settings = {"n_train": 240}
+    settings = {"crop_size": 128}
     assert quality.apply_overrides(settings, ["alpha=0.84", "amp=bf16", "compile=true"])
-    assert settings == {"n_train": 240, "alpha": 0.84, "amp": "bf16", "compile": True}
+    assert settings == {"crop_size": 128, "alpha": 0.84, "amp": "bf16", "compile": True}
     for bad in ("alpha", "lr=0.1", "=3"):
         with pytest.raises(ValueError, match="expected KEY=VALUE"):
             quality.apply_overrides(settings, [bad])

@@ -1,6 +1,8 @@
 """``python -m deblur_lib.train``: the command line of ``fit``.
 
-One flag per ``TrainConfig`` field (defaults and help from the dataclass). Everything is
+One flag per ``TrainConfig`` field (defaults and help from the dataclass); ``--config FILE``
+reads a YAML file of ``field: value`` lines first (``params/pretrain.yaml``), and flags given
+on the command line override it. Everything is
 validated before a single file is created or overwritten. Exit codes: 0 normal finish, 2 usage
 error (argparse-style message naming the flag to change; also a data file that passes the
 header check but cannot be decoded, found during training), 3 stopped by a guard (the last
@@ -13,6 +15,9 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
+
+import yaml
 
 from deblur_lib.data import DatasetError
 from deblur_lib.train.config import TrainConfig, one_line
@@ -45,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DeblurNet with guards (exit 0 finished, 2 usage, 3 stopped by a guard).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file of TrainConfig fields (field: value); command-line flags override it",
+    )
     for f in dataclasses.fields(TrainConfig):
         base = f.type.split(" |")[0]
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(base, str)
@@ -62,12 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, object]:
+    """``--config``'s YAML mapping of TrainConfig fields; a usage error (exit 2) when the file
+    cannot be read or names an unknown field or a value of the wrong type."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        parser.error(f"--config {path}: {one_line(exc)}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of TrainConfig fields, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            parser.error(f"--config {path}: unknown field {key!r} (see --help for the fields)")
+        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}
+        kind = expected[fields[key].type.split(" |")[0]]
+        optional = " | None" in fields[key].type
+        if kind is str and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = value = str(value)  # e.g. threads: 2
+        wrong_bool = isinstance(value, bool) and kind is not bool
+        if (value is None and not optional) or (
+            value is not None and (wrong_bool or not isinstance(value, kind))
+        ):
+            parser.error(f"--config {path}: {key}: {value!r} is not a {fields[key].type}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 finished, 2 usage error, 3 stopped by a guard)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        cfg = TrainConfig(**vars(args))
+        known, _ = parser.parse_known_args(argv)
+        if known.config is not None:
+            parser.set_defaults(**_read_config(parser, known.config))
+        args = vars(parser.parse_args(argv))
+        args.pop("config")
+        cfg = TrainConfig(**args)
         try:
             cfg.validate()
         except ValueError as exc:
