@@ -74,14 +74,8 @@ from torch import Tensor, nn
 
 from deblur_lib.data import IMAGE_SUFFIXES
 from deblur_lib.metrics import denormalize, psnr, ssim
-from deblur_lib.models import DeblurNet
-from deblur_lib.weights import (
-    DEFAULT_MODEL,
-    ModelInfo,
-    WeightsError,
-    load_model,
-    shipped_models,
-)
+from deblur_lib.models import DEFAULT_MODEL, DeblurNet, ModelInfo, WeightsError, shipped_models
+from deblur_lib.weights import load_model
 
 PROG = "python -m deblur_lib.predict"
 DEFAULT_MAX_MEMORY_MB = 4096.0  # activation budget per forward (see the module docstring)

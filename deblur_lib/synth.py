@@ -246,9 +246,10 @@ def _leaves(size: int, rng: np.random.Generator, coverage: float) -> tuple[np.nd
     order = order[group[order] < len(_BOXES)]
     keys = group[order] * 2 + rect[order]
     starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    ends = [*starts[1:], len(order)] if starts.size else []  # no small leaves: no batch
     sx, sy, snx, sny = cx[order], cy[order], need_x[order], need_y[order]
     coef = np.stack([ua[order], ub[order], va[order], vb[order]])[:, :, None, None]
-    for lo, hi in zip(starts, [*starts[1:], len(order)], strict=True):
+    for lo, hi in zip(starts, ends, strict=True):
         w, h = int(snx[lo:hi].max()), int(sny[lo:hi].max())
         ox, oy = sx[lo:hi, None, None], sy[lo:hi, None, None]
         px = np.floor(ox) - w // 2 + np.arange(w, dtype=np.float32)  # (m, 1, w)

@@ -1,6 +1,6 @@
-"""Weights on disk, and every way a model is read back without unpickling.
+"""Checkpoints on disk, and every way a model is read back without unpickling.
 
-Two kinds of file, both read with ``torch.load(weights_only=True)`` (tensors, numbers,
+Both kinds of file are read with ``torch.load(weights_only=True)`` (tensors, numbers,
 strings, lists and dicts only: loading one never runs pickled code):
 
 * **Checkpoints** (``save_checkpoint`` / ``load_checkpoint``): a plain dict holding at least
@@ -16,12 +16,8 @@ strings, lists and dicts only: loading one never runs pickled code):
   bits and all other corruption but one in 2**32. ``load_checkpoint`` recomputes it; a
   mismatch raises the same ValueError as an unreadable file. ``CHECKPOINT_FORMAT`` 1 files (no
   digest) load with a logged warning; a format 2 file without its digest is refused.
-* **Weights files** (``save_weights`` / ``load_from_files``): ``weights.pt`` (a state dict)
-  beside ``config.json`` = ``{"format": WEIGHTS_FORMAT, "architecture": {...}, "sha256": <hex
-  digest of weights.pt>, "train_crop_size": int or null, ...}`` (more keys, such as a model
-  card's, are allowed and ignored). An architecture is ``{"preset": "tiny"|"small"|"base"|null,
-  "width": int, "enc_blocks": [int, ...], "middle_blocks": int, "dec_blocks": [int, ...]}``;
-  explicit keys override the preset's. The file's SHA-256 is checked before it is loaded.
+* **Weights files** (``weights.pt`` + ``config.json``): see ``deblur_lib.models``, which
+  writes and reads them (``save_weights``, ``load_from_files``, ``DeblurNet.from_pretrained``).
 
 ``load_model(spec)`` rebuilds a ``DeblurNet`` from any source:
 
@@ -46,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -54,48 +49,34 @@ import re
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from deblur_lib.models import MODEL_PRESETS, DeblurNet
+from deblur_lib import models
+from deblur_lib.models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    DeblurNet,
+    ModelInfo,
+    WeightsError,
+    load_from_files,
+    model_from_state,
+    preset_architecture,
+    shipped_models,
+)
 
 CHECKPOINT_FORMAT = 2  # 1: no digest; 2: ``digest`` (see the module docstring)
-WEIGHTS_FORMAT = "deblur-guard-weights/1"
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-DEFAULT_MODEL = "deblur-guard-small"  # shipped name used when --model is not given
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default
-WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
-ARCH_KEYS = ("preset", "width", "enc_blocks", "middle_blocks", "dec_blocks")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>.+))$")
 _LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})$")  # MLflow 3 model id
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MLFLOW_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # What torch.load raises on a truncated or garbage file (zip reader, then the legacy unpickler)
 _UNREADABLE = (
     RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, IndexError, ValueError
 )  # fmt: skip
 log = logging.getLogger(__name__)
-
-
-class WeightsError(ValueError):
-    """A model source cannot be loaded safely; the message names the source and the problem."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Where a model came from. ``kind``: registry, checkpoint, folder or shipped; ``sha256``:
-    of the weights file (None for a checkpoint, which carries its own digest);
-    ``train_crop_size``: px, the training crop (for ``predict``'s TLC), None when unknown."""
-
-    source: str
-    kind: str
-    architecture: dict[str, Any]
-    sha256: str | None
-    train_crop_size: int | None
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -204,198 +185,10 @@ def _feed(h, obj) -> None:
         raise TypeError(f"checkpoint digest: cannot encode a {type(obj).__name__}: {obj!r:.80}")
 
 
-# --- architecture -----------------------------------------------------------------------------
-def architecture(model: DeblurNet, preset: str | None = None) -> dict[str, Any]:
-    """The architecture config of ``model`` (explicit widths and block counts), JSON-ready."""
-    if not isinstance(model, DeblurNet):
-        raise TypeError(f"architecture() needs a DeblurNet, got {type(model).__name__}")
-    return {
-        "preset": preset,
-        "width": model.width,
-        "enc_blocks": [len(e) for e in model.encoders],
-        "middle_blocks": len(model.middle),
-        "dec_blocks": [len(d) for d in model.decoders],
-    }
-
-
-def preset_architecture(preset: str, width: int | None = None) -> dict[str, Any]:
-    """The architecture config of ``models.build_model(preset, width)``."""
-    if preset not in MODEL_PRESETS:
-        raise WeightsError(
-            f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}"
-        )
-    arch = dict(MODEL_PRESETS[preset], preset=preset)
-    if width is not None:
-        arch["width"] = width
-    arch["enc_blocks"], arch["dec_blocks"] = list(arch["enc_blocks"]), list(arch["dec_blocks"])
-    return {k: arch[k] for k in ARCH_KEYS}
-
-
-def build_from_architecture(arch: Mapping[str, Any]) -> DeblurNet:
-    """A freshly initialised DeblurNet from an architecture config (see the module docstring)."""
-    if not isinstance(arch, Mapping):
-        raise WeightsError(f"architecture must be a JSON object, got {type(arch).__name__}")
-    unknown = sorted(set(arch) - set(ARCH_KEYS))
-    if unknown:
-        raise WeightsError(f"unknown architecture keys {unknown}; expected some of {ARCH_KEYS}")
-    preset = arch.get("preset")
-    kwargs = dict(preset_architecture(preset)) if preset is not None else {}
-    kwargs.update({k: v for k, v in arch.items() if v is not None})
-    kwargs.pop("preset", None)
-    missing = [k for k in ARCH_KEYS[1:] if k not in kwargs]
-    if missing:
-        raise WeightsError(f"architecture {dict(arch)} lacks {missing} (and names no preset)")
-    try:
-        return DeblurNet(
-            width=kwargs["width"],
-            enc_blocks=tuple(kwargs["enc_blocks"]),
-            middle_blocks=kwargs["middle_blocks"],
-            dec_blocks=tuple(kwargs["dec_blocks"]),
-        )
-    except (ValueError, TypeError) as exc:
-        raise WeightsError(f"invalid architecture {dict(arch)}: {exc}") from None
-
-
-# --- weights files --------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_weights(
-    path: str | os.PathLike, sha256: str, map_location: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """A state dict from a weights-only file, after checking its SHA-256 against ``sha256``.
-
-    The digest is checked before ``torch.load`` reads a byte, and ``torch.load`` runs with
-    ``weights_only=True``: a file holding pickled objects (code) is refused either way.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
-        raise WeightsError(f"{path}: expected sha256 is not a 64-digit hex string: {sha256!r}")
-    computed = file_sha256(path)
-    if computed != sha256:
-        raise WeightsError(
-            f"{path}: SHA-256 mismatch (expected {sha256}, file has {computed}): "
-            "the weights file is not the one its config describes"
-        )
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise WeightsError(
-            f"{path}: refused: not a weights-only file (torch.load(weights_only=True) found "
-            f"pickled objects and did not run them: {first})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"{path}: unreadable weights file ({exc})") from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return dict(state)
-
-
-def model_from_state(
-    arch: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
-) -> DeblurNet:
-    """Build ``arch`` and load ``state`` into it (strict; every weight must be finite)."""
-    model = build_from_architecture(arch)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise WeightsError(
-            f"{source}: weights do not fit architecture {dict(arch)}: {first}"
-        ) from None
-    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise WeightsError(f"{source}: non-finite weights in {bad[:5]} ({len(bad)} tensors)")
-    return model.eval()
-
-
-def save_weights(
-    model: nn.Module,
-    folder: str | os.PathLike,
-    *,
-    train_crop_size: int | None = None,
-    preset: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[Path, Path]:
-    """Write ``folder/weights.pt`` (the CPU state dict, ``torch.save``) and ``folder/config.json``
-    (architecture, SHA-256 of weights.pt, ``train_crop_size``, ``extra`` keys); returns both
-    paths. ``model``: a DeblurNet, also wrapped in DDP or ``torch.compile``."""
-    net = getattr(model, "module", model)
-    net = getattr(net, "_orig_mod", net)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights_path, config_path = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    torch.save(state, weights_path)
-    config = {
-        **(extra or {}),
-        "format": WEIGHTS_FORMAT,
-        "architecture": architecture(net, preset),
-        "sha256": file_sha256(weights_path),
-        "train_crop_size": train_crop_size,
-    }
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return weights_path, config_path
-
-
-def _read_config(path: Path, source: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise WeightsError(f"{source}: {path.name} not found ({path})")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{source}: {path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or "architecture" not in config or "sha256" not in config:
-        raise WeightsError(f"{source}: {path} lacks 'architecture' and 'sha256'")
-    if config.get("format", WEIGHTS_FORMAT) != WEIGHTS_FORMAT:
-        raise WeightsError(
-            f"{source}: {path} has format {config['format']!r}, expected {WEIGHTS_FORMAT}"
-        )
-    return config
-
-
-def load_from_files(
-    weights_path: str | os.PathLike,
-    config_path: str | os.PathLike,
-    *,
-    source: str | None = None,
-    kind: str = "folder",
-    map_location: str | torch.device = "cpu",
-) -> tuple[DeblurNet, ModelInfo]:
-    """The model described by ``config_path`` (config.json or a model card) with the weights of
-    ``weights_path``, SHA-256 checked; in eval mode on ``map_location``."""
-    source = source or str(weights_path)
-    config = _read_config(Path(config_path), source)
-    state = read_weights(weights_path, config["sha256"], map_location)
-    model = model_from_state(config["architecture"], state, source)
-    crop = config.get("train_crop_size")
-    info = ModelInfo(source, kind, dict(config["architecture"]), config["sha256"], crop)
-    return model.to(map_location), info
-
-
 # --- sources --------------------------------------------------------------------------------
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def shipped_models(pretrained_dir: str | os.PathLike | None = None) -> list[str]:
-    """Names of the shipped weights (``NAME.pt`` with a ``NAME.json`` card)."""
-    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.pt") if p.with_suffix(".json").is_file())
 
 
 def load_model(
@@ -419,7 +212,7 @@ def load_model(
         return load_from_files(weights, config, source=spec, map_location=map_location)
     if path.is_file():
         return _load_checkpoint(path, map_location)
-    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
+    folder = Path(pretrained_dir) if pretrained_dir is not None else models.PRETRAINED_DIR
     if "/" not in spec and os.sep not in spec and (folder / f"{spec}.pt").is_file():
         return load_from_files(
             folder / f"{spec}.pt",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from deblur_lib import predict, weights
+from deblur_lib import models, predict
 from deblur_lib.metrics import PSNR_CAP_DB
 from deblur_lib.models import build_model
 from deblur_lib.predict import (
@@ -391,7 +391,7 @@ def test_cli_usage_errors_write_nothing(ckpt, tmp_path, capsys, monkeypatch):
     _usage_error([*m, *i, "--output", out, "--ensemble", "3"], capsys, "invalid choice")
     _usage_error([*m, *i, "--output", out, "--align_shift", "2"], capsys, "--sharp")
     _usage_error([*i, "--output", out, "--bogus"], capsys, "unrecognized arguments")
-    monkeypatch.setattr(weights, "PRETRAINED_DIR", tmp_path / "no_pretrained")
+    monkeypatch.setattr(models, "PRETRAINED_DIR", tmp_path / "no_pretrained")
     _usage_error([*i, "--output", out], capsys, "--model is required")
     absent_db = tmp_path / "absent.db"
     _usage_error(["--model", "models:/x/1", "--tracking_uri", f"sqlite:///{absent_db}", *i,
@@ -507,11 +507,11 @@ def test_cli_registry_model(net, mlflow_store, tmp_path, capsys):
 
 def test_cli_default_model_is_the_shipped_one(net, tmp_path, monkeypatch, capsys):
     ship = tmp_path / "pretrained"
-    w, c = weights.save_weights(net, tmp_path / "tmp", preset="tiny")
+    w, c = models.save_weights(net, tmp_path / "tmp", preset="tiny")
     ship.mkdir()
-    w.rename(ship / f"{weights.DEFAULT_MODEL}.pt")
-    c.rename(ship / f"{weights.DEFAULT_MODEL}.json")
-    monkeypatch.setattr(weights, "PRETRAINED_DIR", ship)
+    w.rename(ship / f"{models.DEFAULT_MODEL}.pt")
+    c.rename(ship / f"{models.DEFAULT_MODEL}.json")
+    monkeypatch.setattr(models, "PRETRAINED_DIR", ship)
     Image.fromarray(u8(16, 24)).save(tmp_path / "a.png")
     assert main(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == "1 deblurred, 0 failed"

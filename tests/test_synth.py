@@ -55,6 +55,13 @@ def test_data_reexports_synthesize() -> None:
 # --- dead leaves ------------------------------------------------------------------------------
 
 
+def test_leaves_when_every_leaf_is_large() -> None:
+    """Seed 4 at 64 px draws only leaves too large for the batched small-leaf path (this
+    crashed a training run's DataLoader with a zip() length error)."""
+    label = synth._leaves(64, np.random.default_rng(4), coverage=0.3)[1]
+    assert label.shape == (64, 64) and label.max() > 0
+
+
 @pytest.mark.parametrize("size", [40, 158])
 def test_dead_leaves_is_a_colored_occluding_scene(size: int) -> None:
     image = dead_leaves(size, np.random.default_rng(size))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deblur_lib import weights
+from deblur_lib import models
 from deblur_lib.models import MODEL_PRESETS, build_model
 from deblur_lib.weights import WeightsError, load_model, save_checkpoint
 
@@ -59,36 +59,36 @@ def test_payload_runs_when_unpickled(tmp_path):
 # --- architectures ----------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
 def test_architecture_round_trip(preset):
-    arch = weights.preset_architecture(preset)
-    assert arch == weights.architecture(build_model(preset), preset)
+    arch = models.preset_architecture(preset)
+    assert arch == models.architecture(build_model(preset), preset)
     assert json.loads(json.dumps(arch)) == arch
-    rebuilt = weights.build_from_architecture(arch)
-    assert weights.architecture(rebuilt, preset) == arch
+    rebuilt = models.build_from_architecture(arch)
+    assert models.architecture(rebuilt, preset) == arch
 
 
 def test_architecture_width_override_and_errors():
-    assert weights.build_from_architecture({"preset": "tiny", "width": 12}).width == 12
+    assert models.build_from_architecture({"preset": "tiny", "width": 12}).width == 12
     with pytest.raises(WeightsError, match="unknown architecture keys"):
-        weights.build_from_architecture({"preset": "tiny", "depth": 3})
+        models.build_from_architecture({"preset": "tiny", "depth": 3})
     with pytest.raises(WeightsError, match="lacks"):
-        weights.build_from_architecture({"width": 8})
+        models.build_from_architecture({"width": 8})
     with pytest.raises(WeightsError, match="unknown model preset"):
-        weights.build_from_architecture({"preset": "huge"})
+        models.build_from_architecture({"preset": "huge"})
 
 
 # --- folder (save_weights) and SHA-256 --------------------------------------------------------
 def test_folder_round_trip(tmp_path):
     model = _random_tiny()
-    w, c = weights.save_weights(model, tmp_path / "m", train_crop_size=64, preset="tiny")
+    w, c = models.save_weights(model, tmp_path / "m", train_crop_size=64, preset="tiny")
     config = json.loads(c.read_text())
-    assert config["sha256"] == weights.file_sha256(w) and config["format"] == weights.WEIGHTS_FORMAT
+    assert config["sha256"] == models.file_sha256(w) and config["format"] == models.WEIGHTS_FORMAT
     loaded, info = load_model(str(tmp_path / "m"))
     assert _same_weights(model, loaded) and not loaded.training
     assert (info.kind, info.train_crop_size, info.sha256) == ("folder", 64, config["sha256"])
 
 
 def test_sha256_mismatch_is_refused_before_loading(tmp_path):
-    weights.save_weights(_random_tiny(), tmp_path)
+    models.save_weights(_random_tiny(), tmp_path)
     data = bytearray((tmp_path / "weights.pt").read_bytes())
     data[len(data) // 2] ^= 0x01
     (tmp_path / "weights.pt").write_bytes(bytes(data))
@@ -100,10 +100,10 @@ def test_nonfinite_and_mismatched_weights_are_refused(tmp_path):
     model = _random_tiny()
     with torch.no_grad():
         model.intro.weight[0, 0, 0, 0] = float("nan")
-    weights.save_weights(model, tmp_path / "nan")
+    models.save_weights(model, tmp_path / "nan")
     with pytest.raises(WeightsError, match="non-finite weights in \\['intro.weight'\\]"):
         load_model(str(tmp_path / "nan"))
-    _, config = weights.save_weights(_random_tiny(), tmp_path / "wide")
+    _, config = models.save_weights(_random_tiny(), tmp_path / "wide")
     card = json.loads(config.read_text())
     card["architecture"]["width"] = 16
     config.write_text(json.dumps(card))
@@ -132,12 +132,12 @@ def test_pickle_payload_in_a_checkpoint_is_refused(tmp_path):
 # --- shipped weights --------------------------------------------------------------------------
 def test_shipped_lookup(tmp_path):
     model = _random_tiny()
-    w, c = weights.save_weights(model, tmp_path / "tmp", train_crop_size=256, preset="tiny")
+    w, c = models.save_weights(model, tmp_path / "tmp", train_crop_size=256, preset="tiny")
     ship = tmp_path / "pretrained"
     ship.mkdir()
     w.rename(ship / "demo.pt")
     c.rename(ship / "demo.json")
-    assert weights.shipped_models(ship) == ["demo"]
+    assert models.shipped_models(ship) == ["demo"]
     loaded, info = load_model("demo", pretrained_dir=ship)
     assert _same_weights(model, loaded) and info.kind == "shipped"
     with pytest.raises(WeightsError, match=r"not found.*shipped weights \(demo\)"):
@@ -149,8 +149,8 @@ def test_pickle_payload_as_shipped_weights_is_refused(tmp_path):
     marker, ship = tmp_path / "ran", tmp_path / "pretrained"
     ship.mkdir()
     _write_payload(ship / "evil.pt", marker)
-    card = {"architecture": weights.preset_architecture("tiny")}
-    card["sha256"] = weights.file_sha256(ship / "evil.pt")
+    card = {"architecture": models.preset_architecture("tiny")}
+    card["sha256"] = models.file_sha256(ship / "evil.pt")
     (ship / "evil.json").write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="refused: not a weights-only file"):
         load_model("evil", pretrained_dir=ship)
@@ -243,7 +243,7 @@ def test_pickle_payload_in_a_registry_artifact_is_refused(registry, tmp_path):
         _write_payload(wfile, marker)
         with pytest.raises(WeightsError, match="SHA-256 mismatch"):
             load_model("models:/deblur-test/2", tracking_uri=registry["uri"])
-        forged = json.loads(config) | {"sha256": weights.file_sha256(wfile)}
+        forged = json.loads(config) | {"sha256": models.file_sha256(wfile)}
         cfile.write_text(json.dumps(forged))
         with pytest.raises(WeightsError, match="refused: not a weights-only file"):
             load_model("models:/deblur-test/2", tracking_uri=registry["uri"])

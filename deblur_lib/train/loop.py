@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,7 @@ class Trainer:
     # --- one epoch of steps -----------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> torch.Tensor:
         cfg = self.cfg
+        self.epoch_start = time.perf_counter()
         seed_all(cfg.seed + 10_000 * (epoch + 1))  # resumable epochs
         self.loaders.sampler.set_epoch(epoch)  # the order and crops depend on (seed, epoch) only
         self.net.train()
@@ -339,6 +341,7 @@ class Trainer:
                 if cfg.scheduler == "plateau":
                     self.scheduler.step(report.psnr)  # guards off: NaN and 0.0 go in too
             p.invalid_epochs = 0 if valid else p.invalid_epochs + 1
+        rec["epoch_s"] = time.perf_counter() - self.epoch_start  # training + validation
         p.epoch = epoch
         p.history.append({"epoch": epoch, **rec})
         finite = weights_finite(self.model)  # note: a sync point, once per epoch

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.pyfunc import PythonModel
+
+from deblur_lib.models import load_from_files
+from deblur_lib.predict import deblur
 
 
 class DeblurPyfunc(PythonModel):
@@ -23,17 +27,11 @@ class DeblurPyfunc(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from deblur_lib.weights import load_from_files
-
         self.model, self.info = load_from_files(
             context.artifacts["weights"], context.artifacts["config"], kind="registry"
         )
 
     def predict(self, context, model_input, params=None):
-        import torch
-
-        from deblur_lib.predict import deblur
-
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         return deblur(self.model, x).numpy()
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from deblur_lib.weights import save_weights
+from deblur_lib.models import save_weights
 
 log = logging.getLogger(__name__)
 
