@@ -29,7 +29,8 @@ strings, lists and dicts only: loading one never runs pickled code):
   model logged another way (``mlflow.pytorch.log_model`` pickles the module) is refused.
   mlflow is imported only there: it is optional for the core.
 * a training checkpoint (``best.pt``, ``last.pt``): the architecture comes from its
-  ``config`` (``model_size``, ``model_width``).
+  ``config`` (``model_size``, ``model_width``); the weights are its ``ema`` average when the
+  run kept one (``--ema``), else its ``model``.
 * a folder holding ``config.json`` + ``weights.pt`` (what ``save_weights`` writes).
 * a shipped name: ``deblur_lib/pretrained/NAME.pt`` with its model card ``NAME.json``.
 
@@ -238,7 +239,8 @@ def _load_checkpoint(path: Path, map_location) -> tuple[DeblurNet, ModelInfo]:
     if not isinstance(config, Mapping) or "model_size" not in config:
         raise WeightsError(f"{path}: checkpoint has no config with 'model_size'")
     arch = preset_architecture(config["model_size"], config.get("model_width"))
-    model = model_from_state(arch, state["model"], str(path))
+    weights = state["ema"]["model"] if "ema" in state else state["model"]  # --ema: the average
+    model = model_from_state(arch, weights, str(path))
     crop = config.get("crop_size")
     info = ModelInfo(str(path), "checkpoint", arch, None, crop if isinstance(crop, int) else None)
     return model.to(map_location), info

@@ -5,8 +5,9 @@ holding ``model``, ``optimizer``, ``scheduler``, ``step_guard`` state dicts, ``r
 numpy, torch, cuda), ``config`` (``TrainConfig.to_dict()``) and the fields of ``Progress``:
 ``epoch`` (last completed, -1 before the first), ``step`` (global), ``run_id`` (MLflow),
 ``best_psnr``, ``best_epoch``, ``rollbacks``, ``invalid_epochs``, ``history`` (one record per
-epoch). Also here: what a run leaves in ``out_dir`` (``RUN_FILES``), moving an earlier run's
-files out of a fresh run's way, and removing temp files that a killed write left behind.
+epoch); with ``--ema``, ``ema`` (the weight average: ``model`` state dict and ``updates``).
+Also here: what a run leaves in ``out_dir`` (``RUN_FILES``), moving an earlier run's files out
+of a fresh run's way, and removing temp files that a killed write left behind.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def training_state(model, optimizer, scheduler, guard, progress: Progress, config: dict) -> dict:
-    """Everything needed to resume: state dicts, RNG states, progress and the config."""
-    return {
+def training_state(
+    model, optimizer, scheduler, guard, progress: Progress, config: dict, ema=None
+) -> dict:
+    """Everything needed to resume: state dicts, RNG states, progress and the config (and the
+    weight average's state under ``ema`` when there is one)."""
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
+    return extra | {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -55,9 +60,11 @@ def training_state(model, optimizer, scheduler, guard, progress: Progress, confi
     }
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler, guard) -> Progress:
+def restore_training_state(state: dict, model, optimizer, scheduler, guard, ema=None) -> Progress:
     """Load ``state`` (from ``training_state``) into the objects; returns its ``Progress``."""
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     guard.load_state_dict(state["step_guard"])

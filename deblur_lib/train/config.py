@@ -80,6 +80,9 @@ class TrainConfig:
     alpha: float = _opt(0.84, "weight of the (1 - MS-SSIM) term")
     beta: float = _opt(0.16, "weight of the Charbonnier term")
     grad_clip: float = _opt(1.0, "clip the gradient norm at this value, 0 disables")
+    ema: float = _opt(
+        0.0, "EMA decay of the weights (e.g. 0.999): validated, saved and shipped; 0 disables"
+    )
     max_bad_steps: int = _opt(20, "more consecutive skipped steps than this -> roll back")
     max_rollbacks: int = _opt(3, "more rollbacks than this -> stop")
     max_invalid_epochs: int = _opt(3, "this many consecutive invalid validations -> stop")
@@ -177,6 +180,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
     lr = cfg.learning_rate
     if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
+    if not isinstance(cfg.ema, int | float) or not (cfg.ema == 0 or 0 < cfg.ema < 1):
+        raise ValueError(
+            f"--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999 (got {cfg.ema!r})"
+        )
     for name in ("alpha", "beta", "grad_clip", "tracking_retry_s"):
         value = getattr(cfg, name)
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:

@@ -69,6 +69,7 @@ from deblur_lib.train.checkpoint import (
     training_state,
 )
 from deblur_lib.train.config import SYNTHETIC, TrainConfig
+from deblur_lib.train.ema import WeightAverage
 from deblur_lib.train.threads import ThreadPolicy, parse_threads
 from deblur_lib.train.tracking import Tracker
 from deblur_lib.weights import load_checkpoint, save_checkpoint, weights_finite
@@ -140,6 +141,8 @@ class Trainer:
         self.loaders = build_loaders(cfg, ctx, device)
         self.model, net = build_net(cfg, ctx, device)  # net: what the step calls (DDP, compile)
         self.optimizer = build_optimizer(self.model, cfg, device)
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
+        self.final = self.ema.model if self.ema else self.model  # validated, saved as best
         n_batches = len(self.loaders.train)
         self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
@@ -162,7 +165,7 @@ class Trainer:
             net=net,
             train_loader=self.loaders.train,
             criterion=self.criterion,
-            eval_model=self.model,
+            eval_model=self.final,
             metrics=metric_fn,
             model=self.model,
         )
@@ -248,6 +251,8 @@ class Trainer:
         else:
             ok = torch.ones((), dtype=torch.bool, device=dev)
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, ok)  # a skipped step leaves the average unchanged
         self.optimizer.zero_grad(set_to_none=True)
         if self.per_step_schedule:
             self.scheduler.step()  # follows the step count, skipped steps included
@@ -276,6 +281,8 @@ class Trainer:
         ck = load_checkpoint(self.last_path, map_location=self.device)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
         if self.per_step_schedule:  # LambdaLR resets lr to base_lr * factor at every step
             self.scheduler.base_lrs = [b * 0.5 for b in self.scheduler.base_lrs]
         for group in self.optimizer.param_groups:
@@ -373,7 +380,8 @@ class Trainer:
             p = self.progress
             p.run_id = self.tracker.run_id or p.run_id  # known late after a tracking outage
             objects = (self.model, self.optimizer, self.scheduler, self.guard)
-            save_checkpoint(path, training_state(*objects, p, self.cfg.to_dict()), self.model)
+            state = training_state(*objects, p, self.cfg.to_dict(), self.ema)
+            save_checkpoint(path, state, self.model)
         distributed.barrier()  # every rank may read it next (rollback)
 
     def _resume(self) -> bool:
@@ -394,7 +402,8 @@ class Trainer:
             distributed.barrier()
             return False
         ck = load_checkpoint(path, map_location=self.device)
-        p = restore_training_state(ck, self.model, self.optimizer, self.scheduler, self.guard)
+        objects = (self.model, self.optimizer, self.scheduler, self.guard, self.ema)
+        p = restore_training_state(ck, *objects)
         p.run_id = p.run_id or None  # "" when the tracking server was down at the first start
         self.progress = p
         if self.ctx.is_main:
@@ -431,14 +440,15 @@ class Trainer:
         else:
             line = f"Training stopped ({reason}): {message}"
         counts = self.guard.read()
-        if best is not None:
-            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
+        if best is not None:  # the best weights: the average's with --ema
+            ck = load_checkpoint(best, self.device)
+            self.final.load_state_dict(ck["ema"]["model"] if self.ema else ck["model"])
         self.tracker.set_tags({"stop_reason": reason, "guards": cfg.guards, "stop_message": line})
         if self.ctx.is_main:
             self._log_figures()
             if best is not None and cfg.log_model:
                 self.tracker.log_model(
-                    self.model,
+                    self.final,
                     cfg.registered_model_name,
                     self.loaders.example,
                     train_crop_size=cfg.crop_size,
@@ -460,7 +470,7 @@ class Trainer:
             skipped_steps=counts["skipped_total"],
             rollbacks=p.rollbacks,
             history=p.history,
-            model=self.model.eval(),
+            model=self.final.eval(),
         )
 
     def _log_figures(self) -> None:
@@ -472,7 +482,7 @@ class Trainer:
         curves = figures.curves_png(self.progress.history, folder / "curves.png")
         shard = self.loaders.test.dataset
         pairs = [shard[i] for i in range(min(3, len(shard)))]
-        triplets = figures.triplets_png(self.model, pairs, folder / "triplets.png", self.device)
+        triplets = figures.triplets_png(self.final, pairs, folder / "triplets.png", self.device)
         for path in (curves, triplets):
             self.tracker.log_artifact(path, "figures")
 
