@@ -429,7 +429,7 @@ def _options(
         max_memory_mb=float(max_memory_mb),
         device=device,
         amp=cuda if amp is None else bool(amp),
-        channels_last=cuda if channels_last is None else bool(channels_last),
+        channels_last=True if channels_last is None else bool(channels_last),
         tlc=tlc,
     )
 
@@ -579,7 +579,8 @@ def deblur(
     batch_size: most images or tiles per forward (the memory budget may allow fewer).
     ensemble: 1, 2, 4 or 8 flips/rotations averaged.
     device: where the net runs (None: the model's device); outputs return to each input's
-        device. amp: bf16 autocast (None: on CUDA only). channels_last: None: on CUDA only.
+        device. amp: bf16 autocast (None: on CUDA only). channels_last: None: on (1x1 convs as
+        GEMMs, ``models.pointwise``; also faster on the CPU).
     tlc: NAFNet TLC window in px (None: the trained global pooling).
 
     The model runs in eval mode under ``torch.inference_mode``; its training flags are

@@ -31,6 +31,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 from skimage.restoration import richardson_lucy, wiener
 
+from deblur_lib import predict
 from deblur_lib.data import load_image
 from deblur_lib.degrade import linear_to_srgb, srgb_to_linear
 from deblur_lib.metrics import psnr, ssim
@@ -198,14 +199,12 @@ def restorer(method: str, param: float) -> Callable[[Sample], np.ndarray]:
 def model_restorer(
     model: torch.nn.Module, device: str | torch.device = "cpu"
 ) -> Callable[[Sample], np.ndarray]:
-    """A function Sample -> (H, W, 3) [0, 1] running ``model`` (model space in and out) on the
-    full blurred image; the output is clamped to [-1, 1] and denormalized."""
+    """A function Sample -> (H, W, 3) [0, 1]: ``predict.deblur`` of the full blurred image (the
+    same inference as ``python -m deblur_lib.predict``: tiled when large, output clamped)."""
 
     def run(sample: Sample) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(sample.blur)).permute(2, 0, 1)[None]
-        with torch.inference_mode():
-            y = model(x.float().to(device) * 2 - 1)
-        return ((y[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+        blur = np.ascontiguousarray(sample.blur, dtype=np.float32)
+        return predict.deblur(model, blur, device=device)
 
     return run
 

@@ -23,6 +23,7 @@ __all__ = [
     "image_grid",
     "loss_grid",
     "pairs_and_kernels",
+    "per_image_psnr",
     "plot_curves",
     "to_display",
 ]
@@ -108,3 +109,26 @@ def _register_ipython_formatter() -> None:
 
 
 _register_ipython_formatter()
+
+
+def per_image_psnr(per_image, baseline: str) -> Figure:
+    """Each method's PSNR gain over ``baseline`` (dB) per test image, images sorted by the first
+    other method's gain; ``per_image``: ``classical.evaluate_methods``' long table (image,
+    method, psnr). A dashed line marks each method's mean gain."""
+    wide = per_image.pivot(index="image", columns="method", values="psnr")
+    if baseline not in wide:
+        raise ValueError(f"baseline {baseline!r} is not a method: {list(wide.columns)}")
+    others = [m for m in dict.fromkeys(per_image.method) if m != baseline]
+    gains = wide[others].sub(wide[baseline], axis=0).sort_values(others[0])
+    fig = Figure(figsize=(8.0, 3.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(gains))
+    for i, method in enumerate(others):
+        style = "o-" if i == 0 else "o"  # the sorting method as a line, the others as dots
+        (line,) = ax.plot(x, gains[method], style, ms=3, lw=1, label=method)
+        ax.axhline(gains[method].mean(), color=line.get_color(), ls="--", lw=0.8)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel(f"test image (sorted by {others[0]}'s gain)")
+    ax.set_ylabel(f"PSNR gain over {baseline} (dB)")
+    ax.legend(fontsize=7)
+    return fig
