@@ -1,12 +1,14 @@
 # Two commands do all the set-up (see README.md):
 #   make demo   create .venv, install, run every notebook (CPU-sized) into runs/
 #   make test   create .venv, install, run the test suite
+# Also: make lab (JupyterLab on notebooks/), make pretrain (the long run behind the shipped
+# weights, resumable), make figures (the README's PNGs), make bench, make lint.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean lab pretrain figures
 
 setup: $(STAMP)
 
@@ -25,6 +27,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# JupyterLab on notebooks/ with the project's kernel (the venv's python3); start with 00_data
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+# The long guarded CPU run behind deblur_lib/pretrained/ (params/pretrain.yaml): the fixed
+# natural-photo test split, then training (interrupt and rerun: it resumes), then the export
+# of the weights, the model card and the history, measured on the test split.
+PRETRAIN_NAME ?= deblur-guard-small
+pretrain: $(STAMP)
+	$(PY) -m deblur_lib.data synth --out data/pretrain --n_train 16 --n_test 60 --size 256 --seed 0
+	$(PY) -m deblur_lib.train --config params/pretrain.yaml --resume auto
+	$(PY) -m deblur_lib.train.export runs/pretrain/best.pt --test_data data/pretrain/test \
+		--name $(PRETRAIN_NAME)
+
+# The README's pictures, from the MLflow store of `make demo` and the shipped weights
+figures: $(STAMP)
+	$(PY) -m deblur_lib.notebook.readme --tracking_uri sqlite:///mlflow.db --out docs
 
 # every benchmark in turn, JSON to benchmarks/results/; on a GPU: make bench DEVICE=cuda
 DEVICE  ?= cpu

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
@@ -101,15 +101,17 @@ def plot_curves(
     runs: Mapping[str, History],
     keys: Sequence[str] = SEED_GRAPHS,
     xlabel: str = "epoch",
-) -> Figure:
+    into: Figure | SubFigure | None = None,
+) -> Figure | SubFigure:
     """One panel per metric key, one line per run (label -> ``History``: ``history_arrays``
-    of a run, or ``notebook.runs.run_history`` of an MLflow run).
+    of a run, or ``notebook.runs.run_history`` of an MLflow run); drawn into ``into`` (a row
+    of a larger figure) when given, else into a new figure.
 
     Non-finite (or |x| >= 1e300, MLflow's clamped inf) values are drawn as red crosses on
     the panel's lower edge and counted in the legend; a PSNR/SSIM of exactly 0.0 gets a hollow
     square (the value the seed's broad ``except`` logged).
     """
-    fig = Figure(figsize=(3.6 * len(keys), 3.0), layout="constrained")
+    fig = into if into is not None else Figure(figsize=(3.6 * len(keys), 3.0), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys, strict=True):
         for i, (label, history) in enumerate(runs.items()):

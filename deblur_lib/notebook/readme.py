@@ -1,0 +1,96 @@
+"""The README's pictures, drawn from what the main job and ``make pretrain`` produced.
+
+    python -m deblur_lib.notebook.readme [--tracking_uri sqlite:///mlflow.db] [--out docs]
+
+* ``failure_and_fix.png``: the seed's four graphs (learning rate, validation PSNR, SSIM and
+  loss), read back from the MLflow runs that notebooks 01 (guards off) and 04 (guards on) made
+  for each failure path: one row per path, the unguarded and the guarded run in each panel.
+* ``shipped_model.png``: blurred / restored / sharp for one test photo, restored by the shipped
+  weights (``DeblurNet.from_pretrained``) with ``predict.deblur``.
+
+Each PNG must stay under ``MAX_BYTES`` (the repository keeps them); the command says which
+runs and files it used. Run it after ``make demo`` (and ``make pretrain``) in the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from deblur_lib.data import PairedImageFolder
+from deblur_lib.models import DEFAULT_MODEL, DeblurNet, shipped_models
+from deblur_lib.notebook.runs import find_run, run_history
+from deblur_lib.predict import deblur
+from deblur_lib.train.figures import SEED_GRAPHS, figure_png, image_grid, plot_curves
+
+MAX_BYTES = 300 * 1024
+EXPERIMENT = "deblur-guard-notebooks"  # where notebooks 01-04 log
+PATHS = {  # row title -> (guards-off run of notebook 01, guarded run of notebook 04)
+    "NaN path: one NaN pixel in a training batch": ("01_nan_path", "04_nan_path"),
+    "metric path: validation metric code raises": ("01_metric_path", "04_metric_path"),
+}
+
+
+def failure_and_fix(tracking_uri: str, experiment: str = EXPERIMENT) -> Figure:
+    """Two rows (the failure paths) of the seed's four graphs, guards off vs on, from MLflow;
+    ValueError naming the run that is missing (run ``make demo`` first)."""
+    fig = Figure(figsize=(14.4, 6.4), layout="constrained")
+    for row, (title, names) in zip(fig.subfigures(len(PATHS), 1), PATHS.items(), strict=True):
+        runs = {}
+        for name, label in zip(names, ("guards off (notebook 01)", "guards on (notebook 04)"),
+                               strict=True):  # fmt: skip
+            run_id = find_run(experiment, name, tracking_uri)
+            if run_id is None:
+                raise ValueError(f"no finished MLflow run {name!r} in {experiment!r} at "
+                                 f"{tracking_uri}: run `make demo` first")  # fmt: skip
+            runs[label] = run_history(run_id, tracking_uri=tracking_uri)
+        plot_curves(runs, keys=SEED_GRAPHS, into=row)
+        row.suptitle(title, fontsize=11)
+    return fig
+
+
+def shipped_row(test_dir: str | Path, index: int = 0, name: str = DEFAULT_MODEL) -> Figure:
+    """Blurred / restored (shipped weights) / sharp for test pair ``index`` of ``test_dir``."""
+    if name not in shipped_models():
+        raise ValueError(f"no shipped weights {name!r}: run `make pretrain` first")
+    blur, sharp = PairedImageFolder(test_dir)[index]
+    restored = deblur(DeblurNet.from_pretrained(name), blur)
+    return image_grid(
+        {"blurred": [blur], f"restored ({name})": [restored], "sharp": [sharp]}, size=3.4
+    )
+
+
+def write_png(fig: Figure, path: Path, dpi: int = 80) -> Path:
+    data = figure_png(fig, dpi=dpi)
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{path}: {len(data)} bytes, over the {MAX_BYTES} the README allows")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "python -m deblur_lib.notebook.readme"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("--tracking_uri", default="sqlite:///mlflow.db")
+    ap.add_argument("--test_data", type=Path, default=Path("data/pretrain/test"))
+    ap.add_argument("--image", type=int, default=0, help="index of the test pair shown")
+    ap.add_argument("--out", type=Path, default=Path("docs"))
+    args = ap.parse_args(argv)
+    try:
+        written = [write_png(failure_and_fix(args.tracking_uri), args.out / "failure_and_fix.png")]
+        row = shipped_row(args.test_data, args.image)
+        written.append(write_png(row, args.out / "shipped_model.png"))
+    except (ValueError, OSError) as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
