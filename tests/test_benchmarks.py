@@ -40,6 +40,7 @@ SCRIPTS = {
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
     "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
+    "shared_cpu": ([], {"config", "idle_step_s", "busy_step_s", "busy_over_idle", "target"}),
 }
 
 

@@ -126,7 +126,10 @@ def export(checkpoint: Path, test_data: Path, name: str, out: Path) -> dict[str,
         "natural_share": NATURAL_SHARE,
         "degradation": DEFAULT_PARAMS.to_dict(),
     }
-    test = {"split": str(test_data), **{k: v for k, v in scores.items() if k != "per_image"}}
+    manifest = test_data.parent / "manifest.json"  # synthesize()'s settings of the split
+    settings = json.loads(manifest.read_text())["settings"] if manifest.is_file() else None
+    test = {"split": str(test_data), "split_settings": settings}
+    test |= {k: v for k, v in scores.items() if k != "per_image"}
     card = {
         "name": name,
         "description": (

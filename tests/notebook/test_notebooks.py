@@ -257,10 +257,44 @@ def test_06_wrote_a_finite_results_table(smoke):
     out = smoke.root / "out" / "06_results"
     summary = json.loads((out / "results.json").read_text())
     methods = {row["method"]: row for row in summary["table"]}
-    assert set(methods) == {"blurred input", "model", "wiener (true kernel)",
-                            "richardson_lucy (true kernel)"}  # fmt: skip
+    classical = {f"{m} (true kernel)" for m in ("wiener", "richardson_lucy")}
+    classical |= {f"{m}_linear (true kernel)" for m in ("wiener", "richardson_lucy")}
+    assert {"blurred input", "demo (notebook 05)"} | classical <= set(methods)
     for row in methods.values():
         assert math.isfinite(row["psnr"]) and math.isfinite(row["ssim"]), row
     assert summary["n_test"] == 4 and (out / "results.csv").is_file()
     classical_gain = methods["wiener (true kernel)"]["psnr"] - methods["blurred input"]["psnr"]
     assert classical_gain > 0, "Wiener with the true kernel must beat the blurred input"
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_the_report_shows_every_notebook_verdict_and_figure(smoke):
+    """The main job's HTML report, written from the smoke run's executed copies."""
+    import base64
+    import re as regex
+
+    from deblur_lib.notebook import report
+
+    executed = [smoke.root / "runs" / f"{name}.ipynb" for name in NAMES]
+    result = report.write_report(executed, smoke.root / "runs", cwd=smoke.root)
+    index = result.index.read_text()
+    for name in NAMES:
+        assert f"{name}.html" in index, name
+        for line in report.verdict_lines(_read(smoke.root / "runs" / f"{name}.ipynb")):
+            assert report._e(line) in index, (name, line)
+    assert index.count("Verdict") >= len(NAMES)
+    page = (smoke.root / "runs" / "05_train.html").read_text()
+    images = regex.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert images and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert not regex.search(r'(src|href)="https?://', page), "the page must open offline"
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_the_readme_failure_figure_is_drawn_from_the_runs(smoke, tmp_path):
+    from deblur_lib.notebook import readme
+
+    path = readme.write_png(readme.failure_and_fix(smoke.uri), tmp_path / "f.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < path.stat().st_size <= readme.MAX_BYTES
