@@ -3,7 +3,9 @@
     python benchmarks/data_loading.py                  # CPU: small preset, TrainConfig's sizes
     python benchmarks/data_loading.py --device cuda    # GPU: params/gpu.yaml's batch/crop/workers
 
-A synthetic dataset (``synthesize(n_train, size=256)``) in a temporary folder is read by
+Two sources. Generated pairs (``--train_data synthetic``: ``SyntheticPairs`` through
+``FreshKeys``, new samples every epoch) in the training process and with one worker. And a
+synthetic dataset on disk (``synthesize(n_train, size=256)``) in a temporary folder, read by
 ``PairedImageFolder(crop_size, augment=True)`` through ``make_loader(batch, shuffle=True,
 device=...)``, with and without ``cache=True`` (``preload()`` first, so forked workers share
 one decoded copy). Loader rate: images over ``--epochs`` epochs after one warm-up epoch (worker
@@ -29,7 +31,8 @@ from pathlib import Path
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.data import PairedImageFolder, make_loader, synthesize
+from deblur_lib.data import FreshKeys, GlobalBatchSampler, PairedImageFolder, make_loader
+from deblur_lib.synth import SyntheticPairs, synthesize
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.loop import configure_backends
 
@@ -63,6 +66,27 @@ def loader_rate(root: Path, args, dev: torch.device, cache: bool) -> dict:
     if cache:
         out["preload_s"] = preload_s
     return out
+
+
+def generator_rate(args, dev: torch.device, workers: int) -> dict:
+    """Images/s of ``--train_data synthetic``'s loader: ``SyntheticPairs`` (dead leaves and
+    photos, realistic degradation) read through ``FreshKeys`` as ``fit`` reads it, with
+    ``workers`` DataLoader processes (0: in the training process)."""
+    ds = SyntheticPairs(args.crop, args.batch * 8, seed=0)
+    sampler = GlobalBatchSampler(len(ds), args.batch)
+    keyed = FreshKeys(ds, sampler.steps() * args.batch)
+    loader = make_loader(
+        keyed, args.batch, shuffle=False, sampler=sampler, device=dev, num_workers=workers
+    )
+    for _ in loader:  # warm-up epoch: worker start-up, photo decoding
+        pass
+    t0, n = time.perf_counter(), 0
+    for epoch in range(1, 1 + args.epochs):
+        sampler.set_epoch(epoch)  # new samples every epoch, as in training
+        for blur, _sharp in loader:
+            n += blur.shape[0]
+    elapsed = time.perf_counter() - t0
+    return {"num_workers": workers, "images": n, "seconds": elapsed, "images_per_s": n / elapsed}
 
 
 def step_rate(args, dev: torch.device, loader_root: Path | None = None) -> dict:
@@ -118,6 +142,8 @@ def run(args) -> dict:
         loaders = {
             "no_cache": loader_rate(root, args, dev, cache=False),
             "cache": loader_rate(root, args, dev, cache=True),
+            "generated_in_process": generator_rate(args, dev, workers=0),
+            "generated_1_worker": generator_rate(args, dev, workers=1),
         }
         consume = step_rate(args, dev, loader_root=root)
     need = 2.0 * consume["images_per_s"]
@@ -145,6 +171,7 @@ def run(args) -> dict:
             "ratio_min": 2.0,
             "met_without_cache": loaders["no_cache"]["images_per_s"] >= need,
             "met_with_cache": loaders["cache"]["images_per_s"] >= need,
+            "met_generated": loaders["generated_in_process"]["images_per_s"] >= need,
         },
     }
 
@@ -197,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults = {"preset": "small", "crop": default_cfg.crop_size, "n_train": 64}
         defaults.update(batch=default_cfg.batch_size, size=256, epochs=3, steps=6, warmup=1)
         args.defaults_from = "TrainConfig defaults"
-    defaults.update(amp="bf16" if gpu else "off", channels_last=int(gpu))
+    defaults.update(amp="bf16" if gpu else "off", channels_last=1)  # TrainConfig's default
     _common.fill_defaults(args, defaults)
     if args.n_train is None:  # GPU: two batches per worker per epoch (make_loader's default <= 4)
         workers = 4 if args.workers is None else max(1, args.workers)

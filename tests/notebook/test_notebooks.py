@@ -110,15 +110,18 @@ def test_cells_stay_short(path):
             assert len(cell.source.splitlines()) <= MAX_CELL_LINES, f"cell {i} is too long"
 
 
-def test_gpu_and_cpu_params_files_set_only_declared_parameters():
+def test_gpu_params_file_sets_only_declared_parameters_and_config_fields():
+    """params/gpu.yaml serves both papermill (notebook 05) and `train --config`."""
     import yaml
 
+    from deblur_lib.train.config import TrainConfig
+
     declared = _parameters(NOTEBOOK_DIR / "05_train.ipynb")
-    for name in ("gpu", "cpu"):
-        values = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
-        assert values and set(values) <= set(declared), set(values) - set(declared)
-        for key, value in values.items():
-            assert isinstance(value, type(declared[key])), (name, key, value)
+    values = yaml.safe_load((REPO / "params" / "gpu.yaml").read_text())
+    assert values and set(values) <= set(declared), set(values) - set(declared)
+    assert set(values) <= set(TrainConfig.__dataclass_fields__)
+    for key, value in values.items():
+        assert isinstance(value, type(declared[key])), (key, value)
 
 
 # --- smoke run ----------------------------------------------------------------------------
