@@ -261,20 +261,24 @@ class Trainer:
 
     def _check_guard(self, bar, acc: torch.Tensor) -> None:
         """Read the counters (note: a CPU-GPU sync point, once per log interval); roll back or
-        stop after too many consecutive skipped steps."""
+        stop after too many consecutive skipped steps. The longest run since the last check
+        counts (``max_consecutive_bad``), also one that ended between the two checks."""
         counts, cfg, p = self.guard.read(), self.cfg, self.progress
         self.threads.check()  # fewer threads while other processes hold cores (threads.py)
         if bar is not None:
             loss_sum, taken = acc[:2].tolist()
-            bar.set_postfix(loss=loss_sum / max(taken, 1), skipped=counts["skipped_total"])
-        bad = counts["consecutive_bad"]
+            # no step taken this epoch yet: there is no loss to show (not 0)
+            bar.set_postfix(loss=loss_sum / taken if taken else "skipped",
+                            skipped=counts["skipped_total"])  # fmt: skip
+        bad = counts["max_consecutive_bad"]
         if bad <= cfg.max_bad_steps:
+            self.guard.reset_max()  # the next check judges the runs after this one
             return
         what = f"{bad} consecutive non-finite steps (> --max_bad_steps {cfg.max_bad_steps})"
         if p.rollbacks >= cfg.max_rollbacks:
             raise StopTraining(
                 "rollbacks_exhausted",
-                f"{what} up to step {p.step - 1} after {p.rollbacks} rollback(s) "
+                f"{what} by step {p.step - 1} after {p.rollbacks} rollback(s) "
                 f"(--max_rollbacks {cfg.max_rollbacks}); {self._diagnose()}",
             )
         lr = self.optimizer.param_groups[0]["lr"] * 0.5
@@ -291,7 +295,7 @@ class Trainer:
         p.rollbacks += 1
         if self.ctx.is_main:
             log.warning(
-                f"rollback {p.rollbacks}/{cfg.max_rollbacks}: {what} up to step "
+                f"rollback {p.rollbacks}/{cfg.max_rollbacks}: {what} by step "
                 f"{p.step - 1}; restored {self.last_path} (epoch {ck['epoch']}), "
                 f"lr -> {lr:.3g}"
             )

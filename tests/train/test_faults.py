@@ -59,6 +59,7 @@ class Case:
     fallbacks: int | None = 0
     val_skipped: dict = field(default_factory=dict)
     says: tuple[str, ...] = ()  # substrings of the stop message / error / warning
+    rollbacks: int | None = 0
 
 
 # NaN at (0, 0) of sample 0 spreads over that sample only (no batch statistics): one skipped
@@ -89,6 +90,7 @@ OTHER_ROWS = [
         expect="rollbacks_exhausted",
         skipped=4,
         fallbacks=None,
+        rollbacks=1,
         says=("consecutive non-finite steps", "input to the model"),
     ),
     Case(
@@ -98,6 +100,15 @@ OTHER_ROWS = [
         expect="invalid_epochs",
         val_skipped={"nonfinite_output": 4},
         says=("Evaluated 0/2 batches successfully (skipped: nonfinite_output=2)",),
+    ),
+    Case(  # 5 skips straddle the check at the end of epoch 0: 3 before it, 2 after
+        "skip run across a guard read",
+        "nan_loss@step=1,count=5",
+        overrides={"num_epochs": 2, "max_steps_per_epoch": 4, "log_every": 10, "max_bad_steps": 3},
+        skipped=5,
+        fallbacks=None,
+        rollbacks=1,
+        says=("rollback 1/3: 5 consecutive non-finite steps",),
     ),
     Case("constant frames (files)", data="constant"),
     Case("val images 32-160 px", data="val_sizes", val_skipped={}),
@@ -327,6 +338,8 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
             assert result.skipped_steps == case.skipped
         if case.fallbacks is not None:
             assert _sum(result.history, "msssim_fallbacks") == case.fallbacks
+        if case.rollbacks is not None:
+            assert result.rollbacks == case.rollbacks
         val = {r: _sum(result.history, f"val_skipped_{r}") for r in REASONS}
         assert val == {r: case.val_skipped.get(r, 0) for r in REASONS}
         assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -338,6 +351,7 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
         row |= {
             "outcome": outcome,
             "skipped": result.skipped_steps,
+            "rollbacks": result.rollbacks,
             "fallbacks": _sum(result.history, "msssim_fallbacks"),
             "val skipped": ",".join(f"{k}={v}" for k, v in val.items() if v) or "-",
         }

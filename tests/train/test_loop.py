@@ -159,6 +159,25 @@ def test_guards_on_skip_the_same_fault(cfg):
     assert _weights_finite(result.last_checkpoint) and _weights_finite(result.best_checkpoint)
 
 
+def test_progress_bar_says_skipped_while_no_step_was_taken(cfg, monkeypatch):
+    """Two steps, both skipped: the bar shows ``loss=skipped``, never a loss of 0."""
+    from deblur_lib.train import loop
+
+    postfixes = []
+
+    class Bar(loop.tqdm):
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs)
+            super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    fault = "nan_loss@step=0,count=2"
+    cfg = replace(cfg, inject_fault=fault, max_steps_per_epoch=2, log_model=False)
+    fit(cfg)
+    assert [p["loss"] for p in postfixes] == ["skipped", "skipped"]
+    assert [p["skipped"] for p in postfixes] == [1, 2]
+
+
 def test_consecutive_faults_roll_back_then_stop_naming_the_module(cfg, caplog):
     cfg = replace(
         cfg,
