@@ -1,9 +1,11 @@
 """Paired blur/sharp image data: loading, checking, and the seeded loaders that feed training.
 
 Spaces: `load_image` returns metric space (float32 (H, W, 3) in [0, 1]); `PairedImageFolder`
-returns model space (float32 (3, H, W) in [-1, 1]). Layouts (same relative names on both sides):
-`root/blur/**/NAME` + `root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` +
-`root/<seq>/sharp/NAME`. Every input problem raises `DatasetError` naming the file.
+returns model space (float32 (3, H, W) in [-1, 1]). Images load upright, as a viewer shows
+them: the EXIF orientation that phones write is applied (`exif_orientation`; the header checks
+see the same size). Layouts (same relative names on both sides): `root/blur/**/NAME` +
+`root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` + `root/<seq>/sharp/NAME`. Every
+input problem raises `DatasetError` naming the file.
 Training order and crops: `GlobalBatchSampler` + `KeyedCrops` (the same crops for any number
 of processes and workers), or `FreshKeys` for endless generated data (never a sample twice);
 `data_range_problem` checks that pixels are in model space.
@@ -45,6 +47,18 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones set instead of rotating the pixels
+# EXIF orientation -> the transpose that shows the stored pixels upright (as a viewer does);
+# orientations 5-8 swap height and width. 1 (or a missing or unknown value): as stored.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _FLAT = ("|-- blur/", "|   `-- [subdirs/]NAME.png", "`-- sharp/", "    `-- [subdirs/]NAME.png")
 _GOPRO = ("|-- <sequence>/", "|   |-- blur/NAME.png", "|   `-- sharp/NAME.png", "`-- ...")
 
@@ -79,12 +93,35 @@ def _list_images(folder: Path) -> dict[str, Path]:
     return found
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened, not yet decoded image, from its header: JPEG's
+    APP1 block, or PNG's eXIf chunk ahead of the pixels (where the PNG spec puts it; one after
+    them is not read). 1 when there is none; an unknown value counts as 1 (as Pillow's
+    ``ImageOps.exif_transpose``). Never decodes the pixels, so a header check and a full decode
+    see the same orientation. Raises what Pillow raises on an unreadable EXIF block."""
+    # Image.getexif, not PngImageFile's override, which decodes the pixels to find a late chunk
+    value = Image.Image.getexif(img).get(EXIF_ORIENTATION, 1)
+    return value if value in UPRIGHT else 1
+
+
+def upright_hw(img: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened image as shown upright (EXIF orientations 5-8 swap the stored
+    width and height), from the header only."""
+    if exif_orientation(img) in (5, 6, 7, 8):
+        return img.width, img.height
+    return img.height, img.width
+
+
 def _decode(path: Path) -> np.ndarray:
-    """Decode to (H, W, 3) uint8 or uint16 (16-bit gray keeps 16 bits; Pillow reads 16-bit
-    colour PNGs at 8 bits). Alpha is dropped; gray and palette images become RGB."""
+    """Decode to (H, W, 3) uint8 or uint16, upright (the EXIF orientation applied, as a viewer
+    shows it: ``exif_orientation``); 16-bit gray keeps 16 bits (Pillow reads 16-bit colour PNGs
+    at 8 bits). Alpha is dropped; gray and palette images become RGB."""
     try:
         with Image.open(path) as img:
+            orientation = exif_orientation(img)
             img.load()
+            if orientation in UPRIGHT:
+                img = img.transpose(UPRIGHT[orientation])
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img)
             elif img.mode in ("1", "L", "LA"):
@@ -260,9 +297,10 @@ class PairedImageFolder(Dataset):
 
 
 def _header_hw(path: Path) -> tuple[int, int]:
+    """(H, W) as shown upright (``upright_hw``), from the header; DatasetError if unreadable."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            return upright_hw(img)
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"unreadable image {path}: {exc}") from exc
 
@@ -446,12 +484,9 @@ def data_range_problem(blur: torch.Tensor, sharp: torch.Tensor) -> str | None:
 
 
 def image_sizes(dataset) -> list[tuple[int, int]]:
-    """(H, W) of every sharp image in a ``PairedImageFolder``, from file headers (no decoding)."""
-    sizes = []
-    for _, sharp in dataset.pairs:
-        with Image.open(sharp) as im:
-            sizes.append((im.height, im.width))
-    return sizes
+    """(H, W) of every sharp image in a ``PairedImageFolder`` as loaded (upright), from file
+    headers (no decoding)."""
+    return [_header_hw(sharp) for _, sharp in dataset.pairs]
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
