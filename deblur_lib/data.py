@@ -4,8 +4,9 @@ Spaces: `load_image` returns metric space (float32 (H, W, 3) in [0, 1]); `Paired
 returns model space (float32 (3, H, W) in [-1, 1]). Images load upright, as a viewer shows
 them: the EXIF orientation that phones write is applied (`exif_orientation`; the header checks
 see the same size). Layouts (same relative names on both sides): `root/blur/**/NAME` +
-`root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` + `root/<seq>/sharp/NAME`. Every
-input problem raises `DatasetError` naming the file.
+`root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` + `root/<seq>/sharp/NAME`
+(symlinked files and folders followed, loops refused). Every input problem raises
+`DatasetError` naming the file.
 Training order and crops: `GlobalBatchSampler` + `KeyedCrops` (the same crops for any number
 of processes and workers), or `FreshKeys` for endless generated data (never a sample twice);
 `data_range_problem` checks that pixels are in model space.
@@ -82,14 +83,36 @@ class DatasetError(ValueError):
         super().__init__(f"{problem}\n{_layout(root)}")
 
 
-def _list_images(folder: Path) -> dict[str, Path]:
-    """Relative posix name -> path for every PNG/JPEG under `folder` (dotfiles skipped)."""
-    found = {}
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts):
-            if p.is_file():
-                found[rel.as_posix()] = p
+def _list_images(folder: Path, root: Path | None = None) -> dict[str, Path]:
+    """Relative posix name -> path for every PNG/JPEG under `folder` (dotfiles and dot-folders
+    skipped). Symlinked files and folders are followed. Nothing is left out silently: a folder
+    reached twice (a symlink loop, or two links to one folder: its images would count twice),
+    a folder that cannot be listed and a broken link with an image name raise DatasetError."""
+
+    def unlistable(err: OSError) -> None:
+        raise DatasetError(f"cannot list folder {err.filename}: {err.strerror}", root)
+
+    found: dict[str, Path] = {}
+    listed: dict[Path, Path] = {}  # resolved folder -> the path it was first listed under
+    for top, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        here = Path(top)
+        real = here.resolve()
+        if real in listed:
+            raise DatasetError(
+                f"folder {here} is {listed[real]} again (a symlink loop or a second link to "
+                "one folder): its images would be listed twice; remove one link",
+                root,
+            )
+        listed[real] = here
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # os.walk goes into these
+        for name in files:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not path.is_file():
+                what = f"broken link {path} -> {os.readlink(path)}" if path.is_symlink() else ""
+                raise DatasetError(what or f"{path} is not a regular file", root)
+            found[path.relative_to(folder).as_posix()] = path
     return found
 
 
@@ -204,7 +227,7 @@ class PairedImageFolder(Dataset):
         return [(prefix, base / "blur", base / "sharp") for prefix, base in candidates]
 
     def _pair(self, prefix: str, blur_dir: Path, sharp_dir: Path) -> None:
-        blur, sharp = _list_images(blur_dir), _list_images(sharp_dir)
+        blur, sharp = _list_images(blur_dir, self.root), _list_images(sharp_dir, self.root)
         for folder, found in ((blur_dir, blur), (sharp_dir, sharp)):
             if not found:
                 raise DatasetError(f"empty folder (no PNG/JPEG images): {folder}", self.root)

@@ -204,6 +204,41 @@ def test_flat_layout_with_subfolders(tmp_path: Path) -> None:
     assert ds.validate(full=True) == 3
 
 
+def test_symlinked_subfolders_are_followed(tmp_path: Path) -> None:
+    """blur/ and sharp/ holding symlinks to folders kept elsewhere: every pair is found (before:
+    the linked folders were skipped, 12 pairs present, 8 found, no word)."""
+    root, store = tmp_path / "data", tmp_path / "store"
+    for i in range(8):
+        _pair(root, f"{i}.png", _rgb(16, 16, i))
+    for side in ("blur", "sharp"):
+        for i in range(4):
+            _save(store / side / "day2" / f"{i}.png", _rgb(16, 16, 100 + i))
+        (root / side / "day2").symlink_to(store / side / "day2", target_is_directory=True)
+    ds = PairedImageFolder(root)
+    assert len(ds) == 12 and ds.validate(full=True) == 12
+    assert "day2/3.png" in ds.names
+
+
+@pytest.mark.parametrize("case", ["loop", "two_links", "broken_link"])
+def test_symlinks_that_would_hide_or_repeat_images_are_errors(tmp_path: Path, case: str) -> None:
+    _pair(tmp_path, "a.png", _rgb(16, 16))
+    blur = tmp_path / "blur"
+    if case == "loop":  # blur/sub/up -> blur: endless names, each image again and again
+        (blur / "sub").mkdir()
+        (blur / "sub" / "up").symlink_to(blur, target_is_directory=True)
+        expected = r"blur/sub/up is .*blur again \(a symlink loop"
+    elif case == "two_links":
+        _save(tmp_path / "store" / "b.png", _rgb(16, 16, 1))
+        for name in ("x", "y"):
+            (blur / name).symlink_to(tmp_path / "store", target_is_directory=True)
+        expected = r"blur/y is .*blur/x again"
+    else:
+        (blur / "gone.png").symlink_to(tmp_path / "nowhere.png")
+        expected = r"broken link .*blur/gone.png -> .*nowhere.png"
+    with pytest.raises(DatasetError, match=expected):
+        PairedImageFolder(tmp_path)
+
+
 def test_gopro_layout(tmp_path: Path) -> None:
     for seq in ("GOPR0002", "GOPR0001"):
         for i in range(2):
