@@ -82,6 +82,8 @@ STOP_REASONS = {
     "rollbacks_exhausted": "non-finite steps kept coming after --max_rollbacks rollbacks",
     "invalid_epochs": "--max_invalid_epochs consecutive validations were invalid",
     "nonfinite_weights": "the weights became non-finite (guards on)",
+    "no_valid_validation": "every epoch ran, but no validation was valid over every image "
+    "(guards on): there is no best checkpoint and no model was logged or registered",
 }
 
 
@@ -345,12 +347,21 @@ class Trainer:
                 metrics=self.metrics,
             )
             rec.update(val_valid_batches=report.n_valid, val_total_batches=report.n_total)
+            rec.update(val_valid_images=report.n_images, val_total_images=report.n_images_total)
             rec.update({f"val_skipped_{k}": v for k, v in report.skipped.items()})
-            valid = not self.guarded or report.ok  # the original trusted whatever came
+            # only a validation over every image counts: the mean of a subset is another
+            # quantity, which must not drive the LR nor pick best.pt (the original trusted all)
+            valid = not self.guarded or report.complete
             if valid:
                 rec.update(val_loss=report.loss, val_psnr=report.psnr, val_ssim=report.ssim)
                 if cfg.scheduler == "plateau":
                     self.scheduler.step(report.psnr)  # guards off: NaN and 0.0 go in too
+            elif report.ok:  # partial: logged under its own names, for the record only
+                rec.update(
+                    val_loss_partial=report.loss,
+                    val_psnr_partial=report.psnr,
+                    val_ssim_partial=report.ssim,
+                )
             p.invalid_epochs = 0 if valid else p.invalid_epochs + 1
         rec["epoch_s"] = time.perf_counter() - self.epoch_start  # training + validation
         p.epoch = epoch
@@ -370,13 +381,19 @@ class Trainer:
                 raise StopTraining("nonfinite_weights", msg)
             log.warning(msg)
         if report is not None and not valid:
+            what = "invalid"
+            if report.ok:
+                what = (
+                    f"partial ({report.n_images}/{report.n_images_total} images valid; logged as "
+                    "val_*_partial, counted as invalid)"
+                )
             msg = (
                 f"{p.invalid_epochs} consecutive invalid validation(s) (--max_invalid_epochs "
-                f"{cfg.max_invalid_epochs}), last at epoch {epoch}: {report.summary()}"
+                f"{cfg.max_invalid_epochs}), last at epoch {epoch}, {what}: {report.summary()}"
             )
             if p.invalid_epochs >= cfg.max_invalid_epochs:
                 raise StopTraining("invalid_epochs", msg)
-            log.warning("%s; metrics not logged, scheduler not stepped, no best checkpoint", msg)
+            log.warning("%s; val_psnr not logged, scheduler not stepped, no best checkpoint", msg)
 
     # --- checkpoints and resume ---------------------------------------------------------------
     def _save(self, path: Path) -> None:
@@ -438,6 +455,13 @@ class Trainer:
     def _finish(self, reason: str, message: str) -> TrainResult:
         cfg, p = self.cfg, self.progress
         best = self.best_path if p.best_epoch is not None else None
+        if reason == "completed" and best is None and self.guarded:
+            n_val = sum("val_total_batches" in rec for rec in p.history)
+            reason = "no_valid_validation"
+            message = (
+                f"{p.epoch + 1} epoch(s) ran, and none of the {n_val} validation(s) was valid over "
+                "every image (see the val_skipped_* metrics): no best checkpoint"
+            )
         if reason == "completed":
             psnr = f"{p.best_psnr:.2f} dB at epoch {p.best_epoch}" if best else "none valid"
             line = f"Training finished: {p.epoch + 1} epochs; best val_psnr {psnr}"
@@ -461,6 +485,10 @@ class Trainer:
         self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
         if self.ctx.is_main:
             log.log(logging.INFO if reason == "completed" else logging.WARNING, line)
+            if best is None and cfg.log_model:
+                name = f" as {cfg.registered_model_name!r}" if cfg.registered_model_name else ""
+                log.warning("no valid validation, no best checkpoint: no model was logged or "
+                            "registered%s", name)  # fmt: skip
         return TrainResult(
             stop_reason=reason,
             message=line,

@@ -6,7 +6,8 @@
   database file (so ``./mlruns`` for the default URI).
 * Metrics: a value is *invalid* when it is NaN/inf, a 999.0/-999.0 sentinel, or exactly
   0.0 for a quality metric (name ending in ``psnr``/``ssim``, optionally ``_db``/``_mean``/
-  ``_y``: ``val_psnr``, ``val_ssim``, not the counter ``msssim_fallbacks``). Invalid values
+  ``_y``/``_partial``: ``val_psnr``, ``val_ssim_partial``, not the counter
+  ``msssim_fallbacks``). Invalid values
   are not sent to MLflow (``raw=True`` sends them anyway: the seed's behaviour, for "before"
   runs); a warning is logged once per name and ``.dropped`` counts them.
   ``out_dir/metrics.jsonl`` gets every record: ``{"step", "time", <name>: value or null,
@@ -56,7 +57,7 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 SENTINELS = (999.0, -999.0)
-QUALITY_METRIC = re.compile(r"(psnr|ssim)(_db|_mean|_y)?$", re.IGNORECASE)
+QUALITY_METRIC = re.compile(r"(psnr|ssim)(_db|_mean|_y|_partial)?$", re.IGNORECASE)
 RESERVED_KEYS = ("step", "time", "dropped", "invalid")
 _PARAM_MAX = 6000
 

@@ -41,7 +41,7 @@ from deblur_lib.train.faults import TRAIN_KINDS, VAL_KINDS
 from deblur_lib.weights import load_checkpoint
 
 torch.set_num_threads(2)
-QUALITY = re.compile(r"(psnr|ssim)$")
+QUALITY = re.compile(r"(psnr|ssim)(_partial)?$")
 EXPERIMENT = "fault-matrix"
 
 
@@ -74,10 +74,13 @@ TRAIN_ROWS = [
     )
     for kind in TRAIN_KINDS
 ]
+# one bad batch of two at epoch 0: a partial validation (logged as val_*_partial, counted as
+# invalid); epoch 1's full validation is the one that counts
 VAL_ROWS = [
     Case(
         kind,
         f"{kind}@epoch=0",
+        overrides={"num_epochs": 2, "max_steps_per_epoch": 1},
         val_skipped={"metric_error" if kind == "val_metric_error" else "nonfinite_output": 1},
     )
     for kind in VAL_KINDS
@@ -109,6 +112,22 @@ OTHER_ROWS = [
         fallbacks=None,
         rollbacks=1,
         says=("rollback 1/3: 5 consecutive non-finite steps",),
+    ),
+    Case(
+        "no valid validation",
+        "val_nan_output@epoch=0,batches=all",
+        overrides={"max_invalid_epochs": 2, "registered_model_name": "never", "log_model": True},
+        expect="no_valid_validation",
+        val_skipped={"nonfinite_output": 2},
+        says=("none of the 1 validation(s) was valid",),
+    ),
+    Case(
+        "partial validation only",
+        "val_nan_output@epoch=0",
+        overrides={"max_invalid_epochs": 2},
+        expect="no_valid_validation",
+        val_skipped={"nonfinite_output": 1},
+        says=("none of the 1 validation(s) was valid",),
     ),
     Case("constant frames (files)", data="constant"),
     Case("val images 32-160 px", data="val_sizes", val_skipped={}),
@@ -360,7 +379,7 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
     fault_matrix.append(row)
 
 
-_STOPS = ("rollbacks_exhausted", "invalid_epochs", "nonfinite_weights")
+_STOPS = ("rollbacks_exhausted", "invalid_epochs", "nonfinite_weights", "no_valid_validation")
 
 
 def _short(text: str, limit: int = 100) -> str:
