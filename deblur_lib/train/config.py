@@ -20,6 +20,7 @@ from deblur_lib.data import DatasetError, PairedImageFolder, image_sizes
 from deblur_lib.metrics import WIN_SIZE
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
+from deblur_lib.train.tracking import JSONL, read_jsonl
 from deblur_lib.weights import load_checkpoint
 
 SYNTHETIC = "synthetic"  # --train_data value: generated pairs (synth.SyntheticPairs)
@@ -127,8 +128,92 @@ class TrainConfig:
         _check_data(self)
 
 
+# --resume with settings other than the checkpoint's, flag by flag:
+#   same:  refused (exit 2 naming the flag): another value makes it another experiment;
+#   apply: the resumed run uses the new value from its first step on, and the change is
+#          tagged in MLflow as resume_changed.<flag> = "old -> new" (num_epochs: not below the
+#          epochs already done; a cosine schedule is laid out again over the new total);
+#   free:  not a setting of the run (where to resume from).
+# The checkpoint's config is always what ran after it: the new values.
+RESUME_POLICY = {
+    "train_data": "same",
+    "test_data": "same",
+    "registered_model_name": "apply",
+    "log_model": "apply",
+    "batch_size": "same",
+    "num_epochs": "apply",
+    "learning_rate": "apply",  # the optimizer's lr (cosine: its base lr) is set to it
+    "patience": "apply",  # ReduceLROnPlateau's patience is set to it
+    "crop_size": "same",
+    "epoch_size": "same",
+    "model_size": "same",
+    "model_width": "same",
+    "device": "apply",
+    "amp": "apply",
+    "channels_last": "apply",
+    "compile": "apply",
+    "threads": "apply",
+    "seed": "same",
+    "num_workers": "apply",
+    "alpha": "same",
+    "beta": "same",
+    "grad_clip": "same",
+    "ema": "same",
+    "max_bad_steps": "apply",
+    "max_rollbacks": "apply",
+    "max_invalid_epochs": "apply",
+    "out_dir": "apply",
+    "resume": "free",
+    "experiment": "same",
+    "tracking_uri": "same",
+    "tracking_retry_s": "apply",
+    "guards": "same",
+    "detect_anomaly": "apply",
+    "inject_fault": "apply",
+    "scheduler": "same",
+    "warmup_steps": "same",
+    "val_every": "apply",
+    "log_every": "apply",
+    "max_steps_per_epoch": "same",
+}
+_PATH_FLAGS = ("train_data", "test_data", "out_dir")  # compared as resolved paths
+
+
+def resume_changes(
+    saved: dict[str, object], cfg: TrainConfig, epochs_done: int, where: str
+) -> dict[str, tuple[object, object]]:
+    """``{flag: (old, new)}``: the settings of ``cfg`` that differ from a checkpoint's
+    ``saved`` config and are applied on resume (``RESUME_POLICY``). ValueError naming the
+    first flag whose change is refused. ``where``: the checkpoint, for the message."""
+    changes = {}
+    for name, policy in RESUME_POLICY.items():
+        if policy == "free" or name not in saved:  # older checkpoints lack newer flags
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if name in _PATH_FLAGS and SYNTHETIC not in (old, new):
+            same = Path(str(old)).resolve() == Path(new).resolve()
+        else:
+            same = old == new
+        if same:
+            continue
+        if policy == "same":
+            raise ValueError(
+                f"--resume {where}: it was trained with --{name} {old}, not {new}; pass "
+                f"--{name} {old} (another value makes it another experiment: start a new run)"
+            )
+        if name == "num_epochs" and new < epochs_done:
+            raise ValueError(
+                f"--resume {where}: {epochs_done} epochs are done already; pass --num_epochs "
+                f"{epochs_done} or more (it was {old})"
+            )
+        changes[name] = (old, new)
+    return changes
+
+
 def _check_resume(cfg: TrainConfig) -> None:
-    """The checkpoint to resume must exist and hold the same architecture."""
+    """The checkpoint to resume must load, its settings must allow ``cfg``'s
+    (``resume_changes``), and the metrics.jsonl files a resume reads (in ``out_dir`` and
+    beside the checkpoint) must be whole but for a torn last line."""
     if cfg.resume is None:
         return
     path = Path(cfg.out_dir, "last.pt") if cfg.resume == "auto" else Path(cfg.resume)
@@ -140,13 +225,15 @@ def _check_resume(cfg: TrainConfig) -> None:
         state = load_checkpoint(path)
     except ValueError as exc:
         raise ValueError(f"--resume {cfg.resume}: {exc}; pass another file or 'auto'") from None
-    saved = state.get("config", {})
-    for name in ("model_size", "model_width", "scheduler"):
-        if name in saved and saved[name] != getattr(cfg, name):
-            raise ValueError(
-                f"--resume {path}: it was trained with --{name} {saved[name]}, "
-                f"not {getattr(cfg, name)}; pass the same value"
-            )
+    resume_changes(state.get("config", {}), cfg, state.get("epoch", -1) + 1, str(path))
+    for jsonl in dict.fromkeys([Path(cfg.out_dir, "metrics.jsonl"), path.with_name(JSONL)]):
+        if jsonl.is_file():
+            try:
+                read_jsonl(jsonl)
+            except ValueError as exc:
+                raise ValueError(
+                    f"--resume {cfg.resume}: {exc}; repair the file or move it away"
+                ) from None
     old_cosine = "scheduler" in state and "lr_lambdas" not in state["scheduler"]
     if cfg.scheduler == "cosine" and old_cosine:
         raise ValueError(

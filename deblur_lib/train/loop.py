@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +68,10 @@ from deblur_lib.train.checkpoint import (
     restore_training_state,
     training_state,
 )
-from deblur_lib.train.config import SYNTHETIC, TrainConfig
+from deblur_lib.train.config import SYNTHETIC, TrainConfig, resume_changes
 from deblur_lib.train.ema import WeightAverage
 from deblur_lib.train.threads import ThreadPolicy, parse_threads
-from deblur_lib.train.tracking import Tracker
+from deblur_lib.train.tracking import JSONL, Tracker, read_jsonl, repair_jsonl
 from deblur_lib.weights import load_checkpoint, save_checkpoint, weights_finite
 
 __all__ = ["STOP_REASONS", "StopTraining", "TrainResult", "Trainer", "fit"]
@@ -181,13 +181,20 @@ class Trainer:
             retry_interval_s=cfg.tracking_retry_s,
         )
         self.last_batch: torch.Tensor | None = None  # rerun under NanDetector before a stop
+        self.resumed_from: Path | None = None  # the checkpoint, when resumed
+        self.changes: list[tuple[str, tuple]] = []  # settings changed on resume, applied
 
     def run(self) -> TrainResult:
         cfg, resumed = self.cfg, self._resume()  # _resume replaces self.progress
         p = self.progress
+        if resumed and p.stop_reason == "completed" and p.epoch + 1 >= cfg.num_epochs:
+            return self._finished_already()
+        p.stop_reason = None  # running (again)
         params = None if resumed else cfg.to_dict()  # params are logged once per run
         p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
         self.tracker.set_tags({"guards": cfg.guards})
+        changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}
+        self.tracker.set_tags(changed)
         if self.ctx.is_main:
             for text in self.loaders.range_warnings:
                 log.warning("data range: %s", text)
@@ -426,30 +433,106 @@ class Trainer:
         objects = (self.model, self.optimizer, self.scheduler, self.guard, self.ema)
         p = restore_training_state(ck, *objects)
         p.run_id = p.run_id or None  # "" when the tracking server was down at the first start
-        self.progress = p
+        self.progress, self.resumed_from = p, path
+        if p.best_epoch is not None:
+            missing = not self.best_path.is_file()
+            distributed.barrier()  # every rank looked before rank 0 copies
+            if missing:
+                self._adopt_best(path.with_name(self.best_path.name))
+        # checked by TrainConfig.validate already: only changes RESUME_POLICY applies remain
+        changes = resume_changes(ck.get("config", {}), cfg, p.epoch + 1, str(path))
+        self.changes = list(changes.items())
+        if "learning_rate" in changes:  # the restored state holds the old one
+            if self.per_step_schedule:  # LambdaLR: lr = base_lr * factor(step)
+                self.scheduler.base_lrs = [cfg.learning_rate for _ in self.scheduler.base_lrs]
+                factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+            else:
+                factors = [1.0] * len(self.optimizer.param_groups)
+            for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+                group["lr"] = cfg.learning_rate * factor
+        if "patience" in changes and cfg.scheduler == "plateau":
+            self.scheduler.patience = cfg.patience
         if self.ctx.is_main:
+            jsonl = self.tracker.jsonl_path
+            if jsonl.is_file() and (torn := repair_jsonl(jsonl)):
+                log.warning("%s: dropped a torn last line (a write cut by the crash): %r",
+                            jsonl, torn[:120])  # fmt: skip
             log.info(
                 f"resumed from {path}: epoch {p.epoch} done, continuing at epoch "
                 f"{p.epoch + 1} (MLflow run {p.run_id})"
             )
+            for name, (old, new) in self.changes:
+                log.info("--%s changed on resume: %s -> %s (applied)", name, old, new)
         return True
 
+    def _adopt_best(self, source: Path) -> None:
+        """``--resume FILE`` into another ``out_dir``: the best checkpoint so far is the one
+        beside FILE; copy it, so that this folder holds the whole run. Without it, the best
+        is looked for again from the next validation on."""
+        p = self.progress
+        if source.is_file():
+            if self.ctx.is_main:
+                self.best_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, self.best_path)
+                log.info("copied %s (epoch %d, the best so far) to %s", source, p.best_epoch,
+                         self.best_path)  # fmt: skip
+            distributed.barrier()
+            return
+        if self.ctx.is_main:
+            log.warning("%s (epoch %s, the best so far) is missing: the best is looked for "
+                        "again from the next validation on", source, p.best_epoch)  # fmt: skip
+        p.best_epoch, p.best_psnr = None, -math.inf
+
     def _relog_last_epoch(self) -> None:
-        """Log the checkpoint's last epoch again when a crash came between writing the checkpoint
-        and logging the epoch (metrics.jsonl, written first, does not have that step yet)."""
-        p, path = self.progress, self.tracker.jsonl_path
+        """Log the checkpoint's last epoch when a crash came between writing the checkpoint and
+        logging the epoch. Which steps the run has is asked of the tracking store; when it
+        cannot say (unreachable, tracking off), of metrics.jsonl in out_dir and beside the
+        checkpoint (``--resume FILE`` from another folder). A step is never logged twice."""
+        p = self.progress
         if not p.history or not self.ctx.is_main:
             return
-        steps = [-1]
-        if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            steps += [json.loads(line)["step"] for line in lines if line.strip()]
-        if max(steps) < p.epoch:
-            rec = {k: v for k, v in p.history[-1].items() if k != "epoch"}
-            self.tracker.log_metrics(rec, step=p.epoch, raw=not self.guarded)
-            log.info(
-                "epoch %d was checkpointed but not logged before the crash: logged now", p.epoch
-            )
+        steps, source = self.tracker.logged_steps(), f"MLflow run {self.tracker.run_id}"
+        if steps is None:
+            files = dict.fromkeys([self.tracker.jsonl_path, self.resumed_from.with_name(JSONL)])
+            files = [f for f in files if f.is_file()]
+            steps = {rec["step"] for f in files for rec in read_jsonl(f)[0]}
+            where = " and ".join(map(str, files)) or f"no {JSONL}"
+            source = f"{where} (the tracking store cannot tell)"
+        if p.epoch in steps:
+            return
+        rec = {k: v for k, v in p.history[-1].items() if k != "epoch"}
+        self.tracker.log_metrics(rec, step=p.epoch, raw=not self.guarded)
+        log.info("epoch %d was checkpointed but is not in %s: logged now", p.epoch, source)
+
+    def _finished_already(self) -> TrainResult:
+        """``--resume`` of a run that completed every epoch, ``--num_epochs`` not raised: one
+        line, and nothing trained, logged, registered or written."""
+        p = self.progress
+        best = self.best_path if p.best_epoch is not None and self.best_path.is_file() else None
+        if best is not None:
+            ck = load_checkpoint(best, self.device)
+            self.final.load_state_dict(ck["ema"]["model"] if self.ema else ck["model"])
+        line = (
+            f"{self.resumed_from}: the run finished all {p.epoch + 1} epochs (MLflow run "
+            f"{p.run_id}); nothing to do (raise --num_epochs to train on)"
+        )
+        if self.ctx.is_main:
+            log.info(line)
+        return TrainResult(
+            stop_reason="completed",
+            message=line,
+            epochs_completed=p.epoch + 1,
+            global_step=p.step,
+            best_psnr=p.best_psnr if best else math.nan,
+            best_epoch=p.best_epoch,
+            best_checkpoint=best,
+            last_checkpoint=self.resumed_from,
+            run_id=p.run_id,
+            skipped_steps=self.guard.read()["skipped_total"],
+            rollbacks=p.rollbacks,
+            history=p.history,
+            model=self.final.eval(),
+        )
 
     # --- the end ------------------------------------------------------------------------------
     def _finish(self, reason: str, message: str) -> TrainResult:
@@ -482,6 +565,7 @@ class Trainer:
                     train_crop_size=cfg.crop_size,
                     preset=cfg.model_size if cfg.model_width is None else None,
                 )
+        self._record_stop(reason)
         self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
         if self.ctx.is_main:
             log.log(logging.INFO if reason == "completed" else logging.WARNING, line)
@@ -504,6 +588,16 @@ class Trainer:
             history=p.history,
             model=self.final.eval(),
         )
+
+    def _record_stop(self, reason: str) -> None:
+        """Write how the run ended into ``last.pt`` (its state otherwise unchanged: the live
+        model may hold the best weights by now, or a stopped epoch's), so that a ``--resume``
+        of a finished run knows it."""
+        self.progress.stop_reason = reason
+        if self.ctx.is_main and self.last_path.is_file():
+            state = load_checkpoint(self.last_path)
+            save_checkpoint(self.last_path, state | {"stop_reason": reason})
+        distributed.barrier()
 
     def _log_figures(self) -> None:
         """Rank 0: the curves PNG and blur/restored/sharp triplets of the first test images (the

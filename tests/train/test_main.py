@@ -174,7 +174,8 @@ def test_resume_with_another_architecture(tiny_data, workdir, capsys):
     cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
     fit(cfg)
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", model_size="small")) == 2
+    argv = _argv(tiny_data, workdir, resume="auto", model_size="small", **ONE_STEP)
+    assert main(argv) == 2
     assert "trained with --model_size tiny, not small" in capsys.readouterr().err
     assert _snapshot(workdir) == before  # last.pt, metrics.jsonl and the store untouched
 
@@ -190,7 +191,7 @@ def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
     cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
     fit(cfg)  # --scheduler plateau, the default
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine", **ONE_STEP)) == 2
     assert "trained with --scheduler plateau, not cosine" in capsys.readouterr().err
     assert _snapshot(workdir) == before
 
@@ -201,7 +202,7 @@ def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
     state["config"]["scheduler"] = "cosine"
     save_checkpoint(last, state)
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine", **ONE_STEP)) == 2
     assert "cosine schedule stepped per epoch" in capsys.readouterr().err
     assert _snapshot(workdir) == before
 
@@ -226,6 +227,9 @@ def test_the_real_command_exits_2(tiny_data, workdir):
         PROG + "--batch_size must be an integer >= 1 (got 0)"
     )
     assert _snapshot(workdir) == before
+
+
+ONE_STEP = {"max_steps_per_epoch": 1}  # as the run being resumed (RESUME_POLICY: same)
 
 
 def _config(tiny_data: Path, workdir: Path) -> dict:
