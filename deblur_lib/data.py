@@ -61,6 +61,8 @@ UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _FLAT = ("|-- blur/", "|   `-- [subdirs/]NAME.png", "`-- sharp/", "    `-- [subdirs/]NAME.png")
+_LAYOUT_HEAD = "expected layout"
+_FROM_WORKER = "Caught DatasetError in DataLoader worker"  # torch's re-raise from a worker
 _GOPRO = ("|-- <sequence>/", "|   |-- blur/NAME.png", "|   `-- sharp/NAME.png", "`-- ...")
 
 
@@ -71,15 +73,25 @@ def _layout(root: Path | str | None) -> str:
     width = max(len(left) for left, _ in rows) + 6
     lines = "\n".join(f"  {left.ljust(width)}{right}" for left, right in rows)
     return (
-        "expected layout (PNG/JPEG, the same relative names under blur/ and sharp/), "
+        f"{_LAYOUT_HEAD} (PNG/JPEG, the same relative names under blur/ and sharp/), "
         f"flat or GoPro style:\n{lines}"
     )
 
 
 class DatasetError(ValueError):
-    """Bad dataset input; the message names the file and shows the expected layout."""
+    """Bad dataset input; the message names the file and shows the expected layout.
+
+    ``problem``: the message without the layout. Raised in a DataLoader worker, the error
+    reaches the main process re-made by torch from one string, the worker's whole traceback
+    ("Caught DatasetError in DataLoader worker process N. Original Traceback ..."); its
+    ``problem`` is then the worker's own message again, not the traceback.
+    """
 
     def __init__(self, problem: str, root: Path | str | None = None) -> None:
+        if problem.startswith(_FROM_WORKER):
+            problem = problem.rsplit(f"{DatasetError.__name__}: ", 1)[-1]
+            problem = problem.split(f"\n{_LAYOUT_HEAD}", 1)[0]
+        self.problem = problem
         super().__init__(f"{problem}\n{_layout(root)}")
 
 

@@ -321,8 +321,7 @@ def _check_data(cfg: TrainConfig) -> None:
             ds = PairedImageFolder(root)
             ds.validate()  # headers only: unreadable files, blur/sharp size mismatches
         except DatasetError as exc:
-            problem = str(exc).split("\nexpected layout")[0]  # drop the layout drawing
-            raise ValueError(f"--{flag} {root}: {one_line(problem)}") from None
+            raise ValueError(f"--{flag} {root}: {one_line(exc.problem)}") from None
         if len(ds) == 0:
             raise ValueError(f"--{flag} {root}: no image pairs found (expected blur/ and sharp/)")
         sizes = image_sizes(ds)

@@ -29,6 +29,8 @@ import logging
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from deblur_lib.data import (
+    DatasetError,
     FreshKeys,
     GlobalBatchSampler,
     KeyedCrops,
@@ -68,7 +71,7 @@ from deblur_lib.train.checkpoint import (
     restore_training_state,
     training_state,
 )
-from deblur_lib.train.config import SYNTHETIC, TrainConfig, resume_changes
+from deblur_lib.train.config import SYNTHETIC, TrainConfig, one_line, resume_changes
 from deblur_lib.train.ema import WeightAverage
 from deblur_lib.train.threads import ThreadPolicy, parse_threads
 from deblur_lib.train.tracking import JSONL, Tracker, read_jsonl, repair_jsonl
@@ -120,14 +123,33 @@ class StopTraining(Exception):
         self.reason, self.message = reason, message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how batch schedulers and ``docker stop`` end a job), raised in the main thread
+    like Ctrl-C's KeyboardInterrupt, so that both end a run the same way."""
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+    raise Terminated(f"signal {signum}")
+
+
 def fit(cfg: TrainConfig) -> TrainResult:
-    """Train as ``cfg`` says (see the module docstring); ValueError if ``cfg`` is invalid."""
+    """Train as ``cfg`` says (see the module docstring); ValueError if ``cfg`` is invalid.
+
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (``Terminated``, handled while ``fit`` runs in the
+    main thread) abandon the step in progress: ``last.pt`` stays the last finished epoch's, the
+    MLflow run is marked KILLED with the tag ``stop_reason`` = ``interrupted`` or
+    ``terminated``, and the exception propagates (the CLI exits 130 or 143)."""
     cfg.validate()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     ctx, device = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, ctx, device).run()
     finally:
         distributed.teardown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class Trainer:
@@ -190,30 +212,45 @@ class Trainer:
         if resumed and p.stop_reason == "completed" and p.epoch + 1 >= cfg.num_epochs:
             return self._finished_already()
         p.stop_reason = None  # running (again)
-        params = None if resumed else cfg.to_dict()  # params are logged once per run
-        p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
-        self.tracker.set_tags({"guards": cfg.guards})
-        changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}
-        self.tracker.set_tags(changed)
-        if self.ctx.is_main:
-            for text in self.loaders.range_warnings:
-                log.warning("data range: %s", text)
-        if resumed:
-            self._relog_last_epoch()
-        else:
-            self._save(self.last_path)  # the rollback target until the first epoch ends
         reason, message = "completed", ""
         try:
+            params = None if resumed else cfg.to_dict()  # params are logged once per run
+            p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
+            self.tracker.set_tags({"guards": cfg.guards})
+            changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}
+            self.tracker.set_tags(changed)
+            if self.ctx.is_main:
+                for text in self.loaders.range_warnings:
+                    log.warning("data range: %s", text)
+            if resumed:
+                self._relog_last_epoch()
+            else:
+                self._save(self.last_path)  # the rollback target until the first epoch ends
             with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
                 for epoch in range(p.epoch + 1, cfg.num_epochs):
                     self.epoch = epoch
                     self._end_epoch(epoch, self._train_epoch(epoch))
         except StopTraining as stop:
             reason, message = stop.reason, stop.message
-        except BaseException as exc:  # a crash or Ctrl-C: close the MLflow run, then re-raise
-            self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except BaseException as exc:  # a crash, a bad file, Ctrl-C, SIGTERM: close the run
+            self._abort(exc)
             raise
         return self._finish(reason, message)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Tag why the run ends early and mark the MLflow run (KILLED for Ctrl-C and SIGTERM,
+        FAILED otherwise); ``last.pt`` stays as the last finished epoch wrote it."""
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        else:
+            reason = "data_error" if isinstance(exc, DatasetError) else "crashed"
+        what = one_line(exc.problem) if isinstance(exc, DatasetError) else type(exc).__name__
+        line = f"{reason} in epoch {self.epoch} ({what}); last.pt holds epoch {self.progress.epoch}"
+        if self.tracker.started:
+            self.tracker.set_tags({"stop_reason": reason, "stop_message": line})
+        self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if self.ctx.is_main:
+            log.warning("Training %s", line)
 
     # --- one epoch of steps -----------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> torch.Tensor:

@@ -219,6 +219,11 @@ class Tracker:
                 os.environ.setdefault(key, value)
 
     # --- public API -------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """True once ``start`` was called with tracking enabled (a run exists or is queued)."""
+        return self._client is not None
+
     def start(
         self,
         run_name: str | None = None,

@@ -144,6 +144,13 @@ OTHER_ROWS = [
         says=("truncated image", "train/sharp/0002.png"),
     ),
     Case(
+        "truncated train file, 1 worker",
+        data="truncated",
+        overrides={"max_steps_per_epoch": None, "num_workers": 1},
+        expect="DatasetError",
+        says=("truncated image", "train/sharp/0002.png"),
+    ),
+    Case(
         "truncated val file",
         data="truncated_val",
         expect="DatasetError",

@@ -207,15 +207,29 @@ def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
     assert _snapshot(workdir) == before
 
 
-def test_undecodable_file_found_while_training_exits_2_naming_it(tiny_data, workdir, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_file_found_while_training_exits_2_naming_it(
+    tiny_data, workdir, capsys, workers
+):
+    """One short line, also from a DataLoader worker (before: torch's re-raise made it the
+    worker's 2,500-character flattened traceback); the MLflow run FAILED, the file named."""
+    from mlflow.tracking import MlflowClient
+
     data = workdir / "data"
     shutil.copytree(tiny_data / "train", data / "train")
     bad = data / "train" / "sharp" / "0005.png"
     bad.write_bytes(bad.read_bytes()[:400])  # the header is fine, the pixels are cut
-    argv = _argv(tiny_data, workdir, train_data=data / "train", log_model="false")
+    argv = _argv(
+        tiny_data, workdir, train_data=data / "train", log_model="false", num_workers=workers
+    )
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(PROG) and "truncated image" in line and str(bad) in line
+    assert "Traceback" not in line and len(line) < 300 + len(str(bad)), line
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("deblur-guard").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "data_error"
+    assert str(bad) in run.data.tags["stop_message"]
 
 
 def test_the_real_command_exits_2(tiny_data, workdir):

@@ -195,6 +195,47 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume(tiny_data, mlflow_stor
         assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # each epoch exactly once
 
 
+@pytest.mark.slow
+def test_sigterm_ends_the_run_like_ctrl_c(tiny_data, mlflow_store, tmp_path, runs):
+    """What a batch scheduler or ``docker stop`` sends. Before: the process died at once and
+    the MLflow run stayed RUNNING forever. Now: exit 143, one line, the run KILLED with
+    stop_reason=terminated, last.pt the last finished epoch's (valid), and --resume goes on."""
+    out_dir = tmp_path / "run"
+    flags = {
+        "train_data": tiny_data / "train",
+        "test_data": tiny_data / "test",
+        "out_dir": out_dir,
+        "tracking_uri": mlflow_store,
+        "experiment": "sigterm-test",
+        "model_size": "tiny",
+        "crop_size": 32,
+        "batch_size": 2,
+        "num_epochs": 3,
+        "max_steps_per_epoch": STEPS,
+        "device": "cpu",
+        "num_workers": 0,
+        "log_model": "false",
+    }
+    argv = [f"--{key}={value}" for key, value in flags.items()]
+    run = Run([sys.executable, HOOKS, "--step_delay", "0.3", "--", *argv])
+    runs.append(run)
+    in_epoch_1 = re.compile(rf"epoch 1:\s+\d+%.*?\|\s*[1-{STEPS - 1}]/{STEPS}")
+    run.wait_for(lambda: in_epoch_1.search(run.err), "a step of epoch 1")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143, run.err
+    assert (
+        run.err.strip()
+        .splitlines()[-1]
+        .startswith("python -m deblur_lib.train: terminated (SIGTERM): MLflow run marked KILLED")
+    )
+    last = _load_all(out_dir)["last.pt"]
+    assert last["epoch"] == 0 and last["stop_reason"] is None  # resumable, not finished
+    mlflow_run = MlflowClient(tracking_uri=mlflow_store).get_run(last["run_id"])
+    assert mlflow_run.info.status == "KILLED"
+    assert mlflow_run.data.tags["stop_reason"] == "terminated"
+    assert "last.pt holds epoch 0" in mlflow_run.data.tags["stop_message"]
+
+
 def test_resume_refuses_a_checkpoint_corrupted_after_it_was_written(tiny_data, tmp_path, capsys):
     """One bit flipped in the middle of last.pt's largest tensor storage: torch.load returns the
     changed weights without a complaint; ``--resume auto`` stops with a usage error naming
