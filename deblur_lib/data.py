@@ -23,6 +23,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ __all__ = [
     "KeyedCrops",
     "PairedImageFolder",
     "data_range_problem",
+    "folder_problem",
     "image_sizes",
     "load_image",
     "make_loader",
@@ -438,7 +440,7 @@ class GlobalBatchSampler(Sampler):
         return self.steps() * self.local_batch
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
         perm = torch.randperm(self.n, generator=gen).tolist()
         for step in range(self.steps()):
             start = step * self.global_batch + self.rank * self.local_batch
@@ -460,7 +462,7 @@ class KeyedCrops(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position, i = key
-        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + position
+        seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2**64  # torch's range
         if get_worker_info() is None:
             self.dataset.reseed(seed)  # a private generator: the global RNG is left alone
         else:
@@ -524,6 +526,22 @@ def image_sizes(dataset) -> list[tuple[int, int]]:
     return [_header_hw(sharp) for _, sharp in dataset.pairs]
 
 
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be created (or written into), or None when it can. Nothing is
+    left behind: a temporary folder is created in the nearest existing ancestor and removed
+    (``os.access`` is not enough: it says yes to root for read-only places such as /sys)."""
+    existing = Path(folder)
+    while not os.path.exists(existing) and existing != existing.parent:  # no OSError raised
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deblur-probe-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return None
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -553,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--full", action="store_true", help="decode every image (slower)")
     check.add_argument("--crop_size", type=_int_at_least(1), default=None, help="crop to check")
     args = parser.parse_args(argv)
+    if args.command == "synth" and (problem := folder_problem(args.out)):
+        parser.error(f"--out {args.out}: {problem}; pass another folder")
     try:
         if args.command == "synth":
             m = synthesize(

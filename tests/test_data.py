@@ -495,6 +495,19 @@ def test_cli_synth_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "crop_size 33" in capsys.readouterr().err
 
 
+def test_cli_synth_into_a_place_that_cannot_hold_a_folder_exits_2(tmp_path, capsys) -> None:
+    """Before: a NotADirectoryError traceback. Now: exit 2, one line, nothing created."""
+    (tmp_path / "file").write_text("not a folder")
+    for out, says in ((tmp_path / "file" / "data", "is a file, not a folder"),
+                      (Path("/proc/deblur_data"), "/proc is not writable")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main(["synth", "--out", str(out), "--n_train", "1", "--n_test", "1", "--size", "32"])
+        assert info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--out {out}: " in line and says in line
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -570,3 +583,15 @@ def test_keyed_crops_do_not_depend_on_order_or_workers(tiny_data):
     workers = make_loader(keyed, 4, shuffle=False, sampler=sampler, num_workers=2)
     parallel = [t for batch in workers for t in batch]
     assert all(torch.equal(x, y) for x, y in zip(serial, parallel, strict=True))
+
+
+def test_the_largest_seed_reaches_every_generator(tiny_data):
+    """--seed accepts up to 2**32 - 1; the seeds derived from it (per epoch, per sample) wrap
+    at torch's 64 bits instead of overflowing (before: ValueError from inside the loader)."""
+    ds = PairedImageFolder(tiny_data / "train", crop_size=24, augment=True)
+    seed = 2**32 - 1
+    sampler = GlobalBatchSampler(len(ds), 4, seed=seed)
+    sampler.set_epoch(49)
+    keys = list(sampler)
+    blur, _ = KeyedCrops(ds, seed=seed)[keys[-1]]
+    assert blur.shape == (3, 24, 24) and len(keys) == 8

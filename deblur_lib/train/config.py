@@ -13,14 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
-from deblur_lib.data import DatasetError, PairedImageFolder, image_sizes
+from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
 from deblur_lib.metrics import WIN_SIZE
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
-from deblur_lib.train.tracking import JSONL, read_jsonl
+from deblur_lib.train.tracking import JSONL, read_jsonl, resolve_tracking_uri
 from deblur_lib.weights import load_checkpoint
 
 SYNTHETIC = "synthetic"  # --train_data value: generated pairs (synth.SyntheticPairs)
@@ -106,9 +107,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Check every field and the data folders; ValueError with a one-line fix message.
+        """Check every field, the data folders, the output folder and the tracking store's
+        URI; ValueError with a one-line fix message.
 
-        Reads image headers only; creates nothing.
+        Reads image headers only; creates nothing (the output and store folders are probed
+        with a temporary folder, removed at once).
         """
         _check_ranges(self)
         parse_threads(self.threads)
@@ -126,6 +129,7 @@ class TrainConfig:
         _check_resume(self)
         _check_out_dir(Path(self.out_dir))
         _check_data(self)
+        _check_tracking(self)  # last: everything else is known to be fine
 
 
 # --resume with settings other than the checkpoint's, flag by flag:
@@ -242,7 +246,22 @@ def _check_resume(cfg: TrainConfig) -> None:
         )
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch's (2**64 - 1) is wider
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"--{f.name} {os.fsencode(value)!r} is not valid UTF-8 (MLflow stores "
+                    "every setting as UTF-8 text): rename it"
+                ) from None
+    if not cfg.out_dir.strip():
+        raise ValueError("--out_dir must not be empty (it would write into the working folder)")
     at_least = {
         "batch_size": 1,
         "num_epochs": 1,
@@ -264,6 +283,13 @@ def _check_ranges(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < low):
             raise ValueError(f"--{name} must be an integer >= {low} (got {value!r})")
+    if cfg.seed > SEED_MAX:
+        raise ValueError(f"--seed must be an integer <= {SEED_MAX} (got {cfg.seed})")
+    cores = os.cpu_count() or 1
+    if cfg.num_workers is not None and cfg.num_workers > cores:
+        raise ValueError(
+            f"--num_workers {cfg.num_workers} is more than the {cores} CPUs: pass at most {cores}"
+        )
     lr = cfg.learning_rate
     if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
@@ -342,11 +368,54 @@ def _check_data(cfg: TrainConfig) -> None:
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out_dir {out_dir} is a file; pass a folder")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out_dir {out_dir}: {existing} is not writable; pass another folder")
+    if problem := folder_problem(out_dir):
+        raise ValueError(f"--out_dir {out_dir}: {problem}; pass another folder")
+
+
+def _check_tracking(cfg: TrainConfig) -> None:
+    """The tracking URI names a store MLflow has, and a local store (sqlite, file) can be
+    created where it points. Nothing is created and no server is asked: one that does not
+    answer is an outage, which training survives (``tracking.Tracker``). Rank 0 only: the
+    other DDP ranks never track (nor import mlflow)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from mlflow.exceptions import MlflowException  # heavy: only when every other check passed
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    flag = "--tracking_uri" if cfg.tracking_uri else "--tracking_uri (from $MLFLOW_TRACKING_URI)"
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        raise ValueError(
+            f"{flag} {uri}: MLflow has no tracking store for the scheme "
+            f"{urlsplit(uri).scheme!r}; use sqlite:///PATH.db, file:FOLDER or http(s)://HOST"
+        ) from None
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///") :].split("?")[0] if uri.startswith("sqlite:///") else ""
+        if db and not db.startswith(":memory:"):
+            problem = _db_file_problem(Path(db))
+            if problem:
+                raise ValueError(f"{flag} {uri}: {problem}; pass another path")
+    elif scheme in ("", "file"):
+        folder = Path(urlsplit(uri).path if scheme else uri)
+        if problem := folder_problem(folder):
+            raise ValueError(f"{flag} {uri}: {problem}; pass another folder")
+
+
+def _db_file_problem(db: Path) -> str | None:
+    """Why sqlite cannot open or create ``db`` (its runs' artifacts go beside it, in mlruns/)."""
+    if db.is_dir():
+        return f"{db} is a folder, not a database file"
+    if db.exists():
+        try:
+            with open(db, "r+b"):  # opened for writing, nothing written
+                pass
+        except OSError as exc:
+            return f"{db} cannot be written ({exc.strerror})"
+        return None
+    return folder_problem(db.parent)
 
 
 def one_line(exc: BaseException | str) -> str:

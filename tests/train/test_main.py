@@ -80,6 +80,14 @@ def _a_file(workdir: Path) -> Path:
     return workdir / "file"
 
 
+def _not_utf8(workdir: Path) -> str:
+    """A folder whose name is not UTF-8 (Latin-1 'café'); before, it passed validation and
+    crashed inside MLflow when the params were logged, leaving the run RUNNING."""
+    folder = os.fsdecode(os.fsencode(workdir) + b"/caf\xe9")
+    os.mkdir(folder)
+    return folder
+
+
 def _not_a_checkpoint(workdir: Path) -> Path:
     (workdir / "junk.pt").write_bytes(b"junk" * 100)
     return workdir / "junk.pt"
@@ -134,8 +142,15 @@ CASES = [
     ("test_data", _blur_only, "empty folder (no PNG/JPEG images)"),
     ("test_data", _tiny_images, "SSIM needs validation images of at least 11 px"),
     ("out_dir", _a_file, "is a file; pass a folder"),
-    ("out_dir", lambda w: _a_file(w) / "out", "is not writable"),
-    ("out_dir", _unwritable, "is not writable; pass another folder"),
+    ("out_dir", lambda w: _a_file(w) / "out", "is a file, not a folder"),
+    ("out_dir", _unwritable, "is not writable"),
+    ("out_dir", "/sys/deblur_out", "/sys is not writable"),  # os.access says yes to root
+    ("out_dir", "", "--out_dir must not be empty"),
+    ("tracking_uri", "bogus://x", "MLflow has no tracking store for the scheme 'bogus'"),
+    ("tracking_uri", lambda w: f"sqlite:///{_unwritable(w)}/m.db", "is not writable"),
+    ("seed", "99999999999999999999", "--seed must be an integer <= 4294967295"),
+    ("num_workers", "100000", "--num_workers 100000 is more than the"),
+    ("train_data", _not_utf8, "is not valid UTF-8"),
     ("resume", lambda w: w / "nope.pt", "--resume"),
     ("resume", _not_a_checkpoint, "not a readable checkpoint"),
     ("registered_model_name", "net", "--registered_model_name needs --log_model true"),
