@@ -9,6 +9,7 @@ message names the flag to change. The command line (``python -m deblur_lib.train
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 
 from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
 from deblur_lib.metrics import WIN_SIZE
+from deblur_lib.models import MODEL_PRESETS
+from deblur_lib.predict import estimate_memory_mb
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
 from deblur_lib.train.tracking import JSONL, read_jsonl, resolve_tracking_uri
@@ -49,6 +52,11 @@ class TrainConfig:
         "on the fly (dead leaves + photos, realistic blur; never the same pair twice)",
     )
     test_data: str = _opt("data/test", "validation pairs, full size, same layout")
+    allow_test_in_train: bool = _opt(
+        False,
+        "accept test pairs that are training pairs (same folder, links or copies): a warning "
+        "and the MLflow tag test_in_train instead of a usage error",
+    )
     registered_model_name: str | None = _opt(None, "register the best model under this name")
     log_model: bool = _opt(
         True, "log the best model to MLflow at the end (false: checkpoints only)"
@@ -142,6 +150,7 @@ class TrainConfig:
 RESUME_POLICY = {
     "train_data": "same",
     "test_data": "same",
+    "allow_test_in_train": "apply",
     "registered_model_name": "apply",
     "log_model": "apply",
     "batch_size": "same",
@@ -337,6 +346,7 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"least {SYNTHETIC_MIN_CROP} px"
             )
         folders = folders[1:]
+    found = {}
     for flag, root in folders:
         if not Path(root).is_dir():
             raise ValueError(
@@ -363,6 +373,80 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"--test_data {root}: {name} is {smallest} px on a side; SSIM needs "
                 f"validation images of at least {WIN_SIZE} px (remove or enlarge it)"
             )
+        found[flag] = ds
+    _check_val_memory(cfg, found["test_data"])
+    if "train_data" in found and not cfg.allow_test_in_train:
+        overlap = shared_test_pairs(found["train_data"], found["test_data"])
+        if overlap:
+            raise ValueError(
+                f"--test_data {cfg.test_data}: {overlap}, so validation would measure "
+                "memorisation; pass other test data (or --allow_test_in_train true if meant)"
+            )
+
+
+def shared_test_pairs(train: PairedImageFolder, test: PairedImageFolder) -> str:
+    """ "" when no test pair is a training pair, else what overlaps ("N of M test pairs are
+    training pairs, e.g. FILE"): a test pair whose sharp image is a training sharp image, the
+    same file (same folder, links) or a byte-identical copy. Sizes first: only files of equal
+    size are compared."""
+    by_size: dict[int, list[Path]] = {}
+    for _, sharp in train.pairs:
+        by_size.setdefault(sharp.stat().st_size, []).append(sharp)
+    shared = [
+        sharp
+        for _, sharp in test.pairs
+        if any(
+            os.path.samefile(other, sharp) or filecmp.cmp(other, sharp, shallow=False)
+            for other in by_size.get(sharp.stat().st_size, ())
+        )
+    ]
+    if not shared:
+        return ""
+    return f"{len(shared)} of {len(test)} test pairs are training pairs (e.g. {shared[0]})"
+
+
+VAL_MEMORY_FRACTION = 0.5  # of the device's memory, for one validation batch's activations
+
+
+def device_memory_mb(device: str) -> tuple[float, str]:
+    """(MiB, what) of the memory training runs in: the GPU's (``LOCAL_RANK``'s) for cuda, else
+    the RAM this process may use (physical, or less under a cgroup v2 limit)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_properties(index).total_memory / 2**20, "GPU memory"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = ""
+    if limit.isdigit():
+        total = min(total, int(limit))
+    return total / 2**20, "RAM"
+
+
+def _check_val_memory(cfg: TrainConfig, test: PairedImageFolder) -> None:
+    """Validation runs each test image whole: refuse, before anything starts, a test set whose
+    largest image (times the validation batch) needs more activation memory than
+    ``VAL_MEMORY_FRACTION`` of the device's (``predict.estimate_memory_mb``, measured on
+    DeblurNet; the other half is for the weights, the training state and the metrics)."""
+    preset = MODEL_PRESETS[cfg.model_size]
+    width, multiple = cfg.model_width or preset["width"], 2 ** len(preset["enc_blocks"])
+    sizes = image_sizes(test)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.batch_size // world if len(set(sizes)) == 1 else 1  # as build_loaders does
+    i = max(range(len(sizes)), key=lambda k: sizes[k][0] * sizes[k][1])
+    h, w = sizes[i]
+    need = estimate_memory_mb(width, h, w, multiple) * batch
+    total, what = device_memory_mb(cfg.device)
+    limit = VAL_MEMORY_FRACTION * total
+    if need > limit:
+        batched = f" in batches of {batch}" if batch > 1 else ""
+        raise ValueError(
+            f"--test_data {cfg.test_data}: {test.pairs[i][1]} is {h}x{w} px; validating it"
+            f"{batched} with --model_size {cfg.model_size} needs about {need / 1024:.1f} GiB of "
+            f"activations, over the limit of {limit / 1024:.1f} GiB ({VAL_MEMORY_FRACTION:.0%} "
+            f"of the {total / 1024:.1f} GiB of {what}); crop or downscale the validation images"
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -71,7 +71,13 @@ from deblur_lib.train.checkpoint import (
     restore_training_state,
     training_state,
 )
-from deblur_lib.train.config import SYNTHETIC, TrainConfig, one_line, resume_changes
+from deblur_lib.train.config import (
+    SYNTHETIC,
+    TrainConfig,
+    one_line,
+    resume_changes,
+    shared_test_pairs,
+)
 from deblur_lib.train.ema import WeightAverage
 from deblur_lib.train.threads import ThreadPolicy, parse_threads
 from deblur_lib.train.tracking import JSONL, Tracker, read_jsonl, repair_jsonl
@@ -217,6 +223,8 @@ class Trainer:
             params = None if resumed else cfg.to_dict()  # params are logged once per run
             p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
             self.tracker.set_tags({"guards": cfg.guards})
+            if cfg.allow_test_in_train and cfg.train_data != SYNTHETIC:
+                self._warn_test_in_train()
             changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}
             self.tracker.set_tags(changed)
             if self.ctx.is_main:
@@ -236,6 +244,15 @@ class Trainer:
             self._abort(exc)
             raise
         return self._finish(reason, message)
+
+    def _warn_test_in_train(self) -> None:
+        """--allow_test_in_train: say how much of the test set is training data, once in the
+        log and as the MLflow tag ``test_in_train`` (validation then measures memorisation)."""
+        train, test = PairedImageFolder(self.cfg.train_data), PairedImageFolder(self.cfg.test_data)
+        if overlap := shared_test_pairs(train, test):
+            self.tracker.set_tags({"test_in_train": overlap})
+            if self.ctx.is_main:
+                log.warning("--allow_test_in_train: %s; validation measures memorisation", overlap)
 
     def _abort(self, exc: BaseException) -> None:
         """Tag why the run ends early and mark the MLflow run (KILLED for Ctrl-C and SIGTERM,

@@ -60,6 +60,7 @@ class Case:
     val_skipped: dict = field(default_factory=dict)
     says: tuple[str, ...] = ()  # substrings of the stop message / error / warning
     rollbacks: int | None = 0
+    tags: tuple[str, ...] = ()  # MLflow tags the run must have
 
 
 # NaN at (0, 0) of sample 0 spreads over that sample only (no batch statistics): one skipped
@@ -159,6 +160,13 @@ OTHER_ROWS = [
     Case("unpaired file", data="unpaired", expect="ValueError", says=("train/blur/9999.png",)),
     Case("blur/sharp size mismatch", data="mismatch", expect="ValueError", says=("0001.png",)),
     Case("val images 8 px", data="val_8px", expect="ValueError", says=("at least 11 px",)),
+    Case(
+        "test data = train data, allowed",
+        data="test_is_train",
+        overrides={"allow_test_in_train": True},
+        says=("4 of 4 test pairs are training pairs",),
+        tags=("test_in_train",),
+    ),
     Case("range: normalised twice", data="range_upper", says=("upper half",)),
     Case("range: 8-bit values in 16-bit", data="range_dark16", says=("spans only",)),
 ]
@@ -234,6 +242,12 @@ def _mutate(root: Path, name: str) -> None:
     elif name == "val_8px":
         for path in sorted((root / "test").glob("*/*.png")):
             Image.open(path).resize((8, 8)).save(path)
+    elif name == "test_is_train":  # the test split holds copies of four training pairs
+        shutil.rmtree(root / "test")
+        for side in ("blur", "sharp"):
+            (root / "test" / side).mkdir(parents=True)
+            for path in sorted((root / "train" / side).glob("*.png"))[:4]:
+                shutil.copy(path, root / "test" / side / path.name)
     elif name == "range_upper":  # x -> 128 + x / 2: the image normalised a second time
         for path in _images(root):
             Image.fromarray((128 + _rgb(path) // 2).astype(np.uint8)).save(path)
@@ -359,7 +373,9 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
                 assert text in result.message, result.message
         elif case.says:
             assert any(all(t in w for t in case.says) for w in warnings), warnings
-        assert client.get_run(result.run_id).data.tags["stop_reason"] == case.expect
+        tags = client.get_run(result.run_id).data.tags
+        assert tags["stop_reason"] == case.expect
+        assert all(tag in tags for tag in case.tags), tags
         if case.skipped is not None:
             assert result.skipped_steps == case.skipped
         if case.fallbacks is not None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -245,6 +247,52 @@ def test_undecodable_file_found_while_training_exits_2_naming_it(
     (run,) = client.search_runs([client.get_experiment_by_name("deblur-guard").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "data_error"
     assert str(bad) in run.data.tags["stop_message"]
+
+
+def _png_header(path: Path, w: int, h: int) -> None:
+    """A PNG that claims w x h px (what a header check reads) with next to no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_huge_validation_image_is_refused_before_training(tiny_data, workdir, capsys, monkeypatch):
+    """Before: an 8000x8000 test pair passed the checks, and the first validation, after a whole
+    epoch, died of an allocation error. Now: exit 2 naming the file and the limit (half of the
+    device's memory, here pinned to 4 GiB so that the test does not depend on the machine)."""
+    from deblur_lib.train import config
+
+    monkeypatch.setattr(config, "device_memory_mb", lambda device: (4096.0, "RAM"))
+    test = workdir / "test"
+    shutil.copytree(tiny_data / "test", test)
+    for side in ("blur", "sharp"):
+        _png_header(test / side / "huge.png", 8000, 8000)
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, test_data=test)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{test / 'sharp' / 'huge.png'} is 8000x8000 px" in line
+    assert "over the limit of 2.0 GiB (50% of the 4.0 GiB of RAM)" in line
+    assert _snapshot(workdir) == before
+
+
+def test_test_data_equal_to_training_data_is_refused(tiny_data, workdir, capsys):
+    """Before: accepted without a word (28 dB of memorisation reported as validation). The same
+    folder, and a copy of the training files, are refused unless --allow_test_in_train."""
+    copy = workdir / "copy"
+    shutil.copytree(tiny_data / "train", copy, ignore=shutil.ignore_patterns("kernels"))
+    before = _snapshot(workdir)
+    for test in (tiny_data / "train", copy):
+        assert main(_argv(tiny_data, workdir, test_data=test)) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--test_data {test}: 8 of 8 test pairs are training pairs" in line
+        assert "--allow_test_in_train true" in line
+    assert _snapshot(workdir) == before
 
 
 def test_the_real_command_exits_2(tiny_data, workdir):
