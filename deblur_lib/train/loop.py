@@ -243,7 +243,11 @@ class Trainer:
         except BaseException as exc:  # a crash, a bad file, Ctrl-C, SIGTERM: close the run
             self._abort(exc)
             raise
-        return self._finish(reason, message)
+        try:
+            return self._finish(reason, message)
+        except BaseException as exc:  # e.g. SIGTERM while the model uploads
+            self._abort(exc)
+            raise
 
     def _warn_test_in_train(self) -> None:
         """--allow_test_in_train: say how much of the test set is training data, once in the
