@@ -6,13 +6,18 @@ step: forward (optional bf16 autocast), loss, backward, clip and measure the gra
 skip-or-step, zero grads, and every ``log_every`` steps read the device-side guard counters
 (the loop's only sync point). Then: evaluate, step the scheduler on a valid PSNR, checkpoint
 (atomic, finite weights only), log the epoch to MLflow. The end: load the best weights, log
-figures and the model, mark the MLflow run, one final line naming the ``stop_reason``.
+figures and the model, write the ``stop_reason`` into ``last.pt``, mark the MLflow run, one
+final line naming the ``stop_reason``. Resume: ``config.RESUME_POLICY`` says which changed
+settings apply; a completed run is not trained again unless ``num_epochs`` grew.
 
 Guards on (default): a step whose loss or gradients are not finite is skipped on the device
 (``guards.masked_step``; under DDP the flag is all-reduced first, so every rank skips the same
-steps) and counted. More than ``max_bad_steps`` consecutive skips: roll back to ``last.pt``
-with the LR halved; more than ``max_rollbacks`` rollbacks: stop, naming the first module whose
-output was non-finite. ``max_invalid_epochs`` consecutive invalid validations: stop.
+steps) and counted. More than ``max_bad_steps`` consecutive skips (the longest run since the
+previous read of the counters): roll back to ``last.pt`` with the LR halved; more than
+``max_rollbacks`` rollbacks: stop, naming the first module whose output was non-finite.
+A validation is valid only over every image: a partial one is logged as ``val_*_partial`` and
+counts as invalid; ``max_invalid_epochs`` consecutive invalid validations: stop; a run without
+any valid validation ends as ``no_valid_validation``. Ctrl-C and SIGTERM: see ``fit``.
 Guards off: the original loop (``legacy``: the seed's loss and evaluation, metrics logged and
 fed to the scheduler as they come) for the notebooks' "before" runs.
 
