@@ -1,9 +1,12 @@
 """Paired blur/sharp image data: loading, checking, and the seeded loaders that feed training.
 
 Spaces: `load_image` returns metric space (float32 (H, W, 3) in [0, 1]); `PairedImageFolder`
-returns model space (float32 (3, H, W) in [-1, 1]). Layouts (same relative names on both sides):
-`root/blur/**/NAME` + `root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` +
-`root/<seq>/sharp/NAME`. Every input problem raises `DatasetError` naming the file.
+returns model space (float32 (3, H, W) in [-1, 1]). Images load upright, as a viewer shows
+them: the EXIF orientation that phones write is applied (`exif_orientation`; the header checks
+see the same size). Layouts (same relative names on both sides): `root/blur/**/NAME` +
+`root/sharp/**/NAME`, or GoPro's `root/<seq>/blur/NAME` + `root/<seq>/sharp/NAME`
+(symlinked files and folders followed, loops refused). Every input problem raises
+`DatasetError` naming the file.
 Training order and crops: `GlobalBatchSampler` + `KeyedCrops` (the same crops for any number
 of processes and workers), or `FreshKeys` for endless generated data (never a sample twice);
 `data_range_problem` checks that pixels are in model space.
@@ -20,6 +23,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +41,7 @@ __all__ = [
     "KeyedCrops",
     "PairedImageFolder",
     "data_range_problem",
+    "folder_problem",
     "image_sizes",
     "load_image",
     "make_loader",
@@ -45,7 +50,21 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones set instead of rotating the pixels
+# EXIF orientation -> the transpose that shows the stored pixels upright (as a viewer does);
+# orientations 5-8 swap height and width. 1 (or a missing or unknown value): as stored.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _FLAT = ("|-- blur/", "|   `-- [subdirs/]NAME.png", "`-- sharp/", "    `-- [subdirs/]NAME.png")
+_LAYOUT_HEAD = "expected layout"
+_FROM_WORKER = "Caught DatasetError in DataLoader worker"  # torch's re-raise from a worker
 _GOPRO = ("|-- <sequence>/", "|   |-- blur/NAME.png", "|   `-- sharp/NAME.png", "`-- ...")
 
 
@@ -56,35 +75,90 @@ def _layout(root: Path | str | None) -> str:
     width = max(len(left) for left, _ in rows) + 6
     lines = "\n".join(f"  {left.ljust(width)}{right}" for left, right in rows)
     return (
-        "expected layout (PNG/JPEG, the same relative names under blur/ and sharp/), "
+        f"{_LAYOUT_HEAD} (PNG/JPEG, the same relative names under blur/ and sharp/), "
         f"flat or GoPro style:\n{lines}"
     )
 
 
 class DatasetError(ValueError):
-    """Bad dataset input; the message names the file and shows the expected layout."""
+    """Bad dataset input; the message names the file and shows the expected layout.
+
+    ``problem``: the message without the layout. Raised in a DataLoader worker, the error
+    reaches the main process re-made by torch from one string, the worker's whole traceback
+    ("Caught DatasetError in DataLoader worker process N. Original Traceback ..."); its
+    ``problem`` is then the worker's own message again, not the traceback.
+    """
 
     def __init__(self, problem: str, root: Path | str | None = None) -> None:
+        if problem.startswith(_FROM_WORKER):
+            problem = problem.rsplit(f"{DatasetError.__name__}: ", 1)[-1]
+            problem = problem.split(f"\n{_LAYOUT_HEAD}", 1)[0]
+        self.problem = problem
         super().__init__(f"{problem}\n{_layout(root)}")
 
 
-def _list_images(folder: Path) -> dict[str, Path]:
-    """Relative posix name -> path for every PNG/JPEG under `folder` (dotfiles skipped)."""
-    found = {}
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts):
-            if p.is_file():
-                found[rel.as_posix()] = p
+def _list_images(folder: Path, root: Path | None = None) -> dict[str, Path]:
+    """Relative posix name -> path for every PNG/JPEG under `folder` (dotfiles and dot-folders
+    skipped). Symlinked files and folders are followed. Nothing is left out silently: a folder
+    reached twice (a symlink loop, or two links to one folder: its images would count twice),
+    a folder that cannot be listed and a broken link with an image name raise DatasetError."""
+
+    def unlistable(err: OSError) -> None:
+        raise DatasetError(f"cannot list folder {err.filename}: {err.strerror}", root)
+
+    found: dict[str, Path] = {}
+    listed: dict[Path, Path] = {}  # resolved folder -> the path it was first listed under
+    for top, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        here = Path(top)
+        real = here.resolve()
+        if real in listed:
+            raise DatasetError(
+                f"folder {here} is {listed[real]} again (a symlink loop or a second link to "
+                "one folder): its images would be listed twice; remove one link",
+                root,
+            )
+        listed[real] = here
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # os.walk goes into these
+        for name in files:
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not path.is_file():
+                what = f"broken link {path} -> {os.readlink(path)}" if path.is_symlink() else ""
+                raise DatasetError(what or f"{path} is not a regular file", root)
+            found[path.relative_to(folder).as_posix()] = path
     return found
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened, not yet decoded image, from its header: JPEG's
+    APP1 block, or PNG's eXIf chunk ahead of the pixels (where the PNG spec puts it; one after
+    them is not read). 1 when there is none; an unknown value counts as 1 (as Pillow's
+    ``ImageOps.exif_transpose``). Never decodes the pixels, so a header check and a full decode
+    see the same orientation. Raises what Pillow raises on an unreadable EXIF block."""
+    # Image.getexif, not PngImageFile's override, which decodes the pixels to find a late chunk
+    value = Image.Image.getexif(img).get(EXIF_ORIENTATION, 1)
+    return value if value in UPRIGHT else 1
+
+
+def upright_hw(img: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened image as shown upright (EXIF orientations 5-8 swap the stored
+    width and height), from the header only."""
+    if exif_orientation(img) in (5, 6, 7, 8):
+        return img.width, img.height
+    return img.height, img.width
+
+
 def _decode(path: Path) -> np.ndarray:
-    """Decode to (H, W, 3) uint8 or uint16 (16-bit gray keeps 16 bits; Pillow reads 16-bit
-    colour PNGs at 8 bits). Alpha is dropped; gray and palette images become RGB."""
+    """Decode to (H, W, 3) uint8 or uint16, upright (the EXIF orientation applied, as a viewer
+    shows it: ``exif_orientation``); 16-bit gray keeps 16 bits (Pillow reads 16-bit colour PNGs
+    at 8 bits). Alpha is dropped; gray and palette images become RGB."""
     try:
         with Image.open(path) as img:
+            orientation = exif_orientation(img)
             img.load()
+            if orientation in UPRIGHT:
+                img = img.transpose(UPRIGHT[orientation])
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img)
             elif img.mode in ("1", "L", "LA"):
@@ -167,7 +241,7 @@ class PairedImageFolder(Dataset):
         return [(prefix, base / "blur", base / "sharp") for prefix, base in candidates]
 
     def _pair(self, prefix: str, blur_dir: Path, sharp_dir: Path) -> None:
-        blur, sharp = _list_images(blur_dir), _list_images(sharp_dir)
+        blur, sharp = _list_images(blur_dir, self.root), _list_images(sharp_dir, self.root)
         for folder, found in ((blur_dir, blur), (sharp_dir, sharp)):
             if not found:
                 raise DatasetError(f"empty folder (no PNG/JPEG images): {folder}", self.root)
@@ -260,9 +334,10 @@ class PairedImageFolder(Dataset):
 
 
 def _header_hw(path: Path) -> tuple[int, int]:
+    """(H, W) as shown upright (``upright_hw``), from the header; DatasetError if unreadable."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            return upright_hw(img)
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"unreadable image {path}: {exc}") from exc
 
@@ -365,7 +440,7 @@ class GlobalBatchSampler(Sampler):
         return self.steps() * self.local_batch
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
         perm = torch.randperm(self.n, generator=gen).tolist()
         for step in range(self.steps()):
             start = step * self.global_batch + self.rank * self.local_batch
@@ -387,7 +462,7 @@ class KeyedCrops(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position, i = key
-        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + position
+        seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + position) % 2**64  # torch's range
         if get_worker_info() is None:
             self.dataset.reseed(seed)  # a private generator: the global RNG is left alone
         else:
@@ -446,12 +521,25 @@ def data_range_problem(blur: torch.Tensor, sharp: torch.Tensor) -> str | None:
 
 
 def image_sizes(dataset) -> list[tuple[int, int]]:
-    """(H, W) of every sharp image in a ``PairedImageFolder``, from file headers (no decoding)."""
-    sizes = []
-    for _, sharp in dataset.pairs:
-        with Image.open(sharp) as im:
-            sizes.append((im.height, im.width))
-    return sizes
+    """(H, W) of every sharp image in a ``PairedImageFolder`` as loaded (upright), from file
+    headers (no decoding)."""
+    return [_header_hw(sharp) for _, sharp in dataset.pairs]
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be created (or written into), or None when it can. Nothing is
+    left behind: a temporary folder is created in the nearest existing ancestor and removed
+    (``os.access`` is not enough: it says yes to root for read-only places such as /sys)."""
+    existing = Path(folder)
+    while not os.path.exists(existing) and existing != existing.parent:  # no OSError raised
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deblur-probe-", dir=existing))
+    except OSError as exc:
+        return f"{existing} is not writable ({exc.strerror})"
+    return None
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -483,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--full", action="store_true", help="decode every image (slower)")
     check.add_argument("--crop_size", type=_int_at_least(1), default=None, help="crop to check")
     args = parser.parse_args(argv)
+    if args.command == "synth" and (problem := folder_problem(args.out)):
+        parser.error(f"--out {args.out}: {problem}; pass another folder")
     try:
         if args.command == "synth":
             m = synthesize(

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 REASONS = ("nonfinite_output", "nonfinite_loss", "nonfinite_metric", "metric_error")
 # Layout of the device-side accumulator (float64): sums over valid images, then counts.
-_LOSS, _PSNR, _SSIM, _IMAGES, _BATCHES = range(5)
-_REASON0 = 5
+_LOSS, _PSNR, _SSIM, _IMAGES, _BATCHES, _SEEN = range(6)
+_REASON0 = 6
 
 
 @dataclass
@@ -39,7 +39,9 @@ class EvalReport:
     ``loss`` (criterion value, model space), ``psnr`` (dB, capped at ``metrics.PSNR_CAP_DB``) and
     ``ssim`` (metric space, [0, 1]) are per-image averages over the valid batches, NaN when there
     were none. ``n_valid``/``n_total`` count batches, ``n_images`` the images averaged,
-    ``skipped`` maps each reason in ``REASONS`` to its batch count.
+    ``n_images_total`` every image seen, ``skipped`` maps each reason in ``REASONS`` to its
+    batch count. ``complete``: a validation over every image; one that is ``ok`` but not
+    ``complete`` averages a subset, which is not comparable with a full validation.
     """
 
     loss: float
@@ -49,11 +51,17 @@ class EvalReport:
     n_total: int
     skipped: dict[str, int] = field(default_factory=dict)
     n_images: int = 0
+    n_images_total: int = 0
 
     @property
     def ok(self) -> bool:
         """True when at least one batch was valid and every average is finite."""
         return self.n_valid > 0 and all(math.isfinite(v) for v in (self.loss, self.psnr, self.ssim))
+
+    @property
+    def complete(self) -> bool:
+        """True when ``ok`` and no batch was skipped: the averages cover every image."""
+        return self.ok and self.n_valid == self.n_total
 
     def summary(self) -> str:
         text = f"Evaluated {self.n_valid}/{self.n_total} batches successfully"
@@ -90,6 +98,7 @@ def evaluate(
         with torch.inference_mode():
             acc = torch.zeros(_REASON0 + len(REASONS), dtype=torch.float64, device=device)
             for blur, sharp in loader:
+                acc[_SEEN] += blur.shape[0]  # a host number added on the device: no sync
                 blur = blur.to(device, non_blocking=True)
                 sharp = sharp.to(device, non_blocking=True)
                 out = model(blur).float()
@@ -121,7 +130,7 @@ def _accumulate(acc: torch.Tensor, out, loss, p, s) -> None:
     valid = out_ok & loss_ok & metric_ok
     n = acc.new_full((), float(p.numel()))  # a fill kernel, not a host->device copy
     sums = torch.stack([loss * n, p.double().sum(), s.double().sum(), n, torch.ones_like(n)])
-    acc[:_REASON0] += torch.where(valid, sums, torch.zeros_like(sums))  # where, not *: NaN*0=NaN
+    acc[:_SEEN] += torch.where(valid, sums, torch.zeros_like(sums))  # where, not *: NaN*0=NaN
     reasons = torch.stack([~out_ok, out_ok & ~loss_ok, out_ok & loss_ok & ~metric_ok])
     acc[_REASON0 : _REASON0 + 3] += reasons.double()
 
@@ -136,7 +145,8 @@ def _report(values: list[float]) -> EvalReport:
     skipped = dict(zip(REASONS, counts, strict=True))
     n_valid, n_images = int(round(values[_BATCHES])), int(round(values[_IMAGES]))
     n_total = n_valid + sum(counts)  # every batch is valid or has exactly one reason; all ranks
+    seen = int(round(values[_SEEN]))
     if n_images == 0:
-        return EvalReport(math.nan, math.nan, math.nan, 0, n_total, skipped, 0)
+        return EvalReport(math.nan, math.nan, math.nan, 0, n_total, skipped, 0, seen)
     loss, p, s = (values[k] / n_images for k in (_LOSS, _PSNR, _SSIM))
-    return EvalReport(loss, p, s, n_valid, n_total, skipped, n_images)
+    return EvalReport(loss, p, s, n_valid, n_total, skipped, n_images, seen)

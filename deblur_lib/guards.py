@@ -169,9 +169,10 @@ class StepGuard:
     """Device-side counters of skipped (non-finite) optimizer steps.
 
     ``steps``: steps seen; ``skipped_total``: steps skipped; ``consecutive_bad``: current run
-    of skipped steps (0 after a good one); ``max_consecutive_bad``: longest run since creation
-    or :meth:`reset_streak`. All are 0-d int64 tensors on ``device`` (moved to the flag's device
-    on the first :meth:`update`).
+    of skipped steps (0 after a good one); ``max_consecutive_bad``: longest run since creation,
+    :meth:`reset_streak` or :meth:`reset_max` (what a periodic check must judge: a run that
+    ended between two reads is gone from ``consecutive_bad``). All are 0-d int64 tensors on
+    ``device`` (moved to the flag's device on the first :meth:`update`).
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -204,6 +205,12 @@ class StepGuard:
         """Zero ``consecutive_bad`` and ``max_consecutive_bad`` (e.g. after a rollback)."""
         self.consecutive_bad.zero_()
         self.max_consecutive_bad.zero_()
+
+    def reset_max(self) -> None:
+        """Start a new observation window: ``max_consecutive_bad`` becomes the current run's
+        length, so a run that goes on past the window's end still counts in the next one. Call
+        after each :meth:`read` that judges the longest run; no sync."""
+        self.max_consecutive_bad.copy_(self.consecutive_bad)
 
     def read(self) -> dict[str, int]:
         """The counters as ints. One host sync: call at the logging interval only."""

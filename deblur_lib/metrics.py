@@ -6,7 +6,8 @@ and maps them with ``denormalize``.
 
 ``psnr`` and ``ssim`` never synchronise with the device: no value checks, no ``.item()``.
 A non-finite pixel gives a non-finite result for its own sample only. Shape, dtype and
-argument mistakes (host-side facts) raise ``MetricError`` (a ``ValueError``) naming the shapes.
+argument mistakes (host-side facts: an empty batch, mismatched shapes, a ``data_range`` that is
+not a finite number > 0, bools included) raise ``MetricError`` (a ``ValueError``) naming them.
 
 Parity (tested): ``psnr`` matches ``skimage.metrics.peak_signal_noise_ratio`` to 1e-4 dB
 below the cap; ``ssim`` matches ``skimage.metrics.structural_similarity(gaussian_weights=True,
@@ -113,10 +114,13 @@ def _check_pair(pred: Tensor, target: Tensor, data_range: float, crop_border: in
             f"expected floating tensors in metric space [0, 1], got {pred.dtype} and "
             f"{target.dtype} (shape {tuple(pred.shape)}); convert uint8 with x.float() / 255"
         )
+    if pred.shape[0] == 0:
+        raise MetricError(f"empty batch: pred and target have shape {tuple(pred.shape)}")
     if pred.device != target.device:
         raise MetricError(f"pred on {pred.device} but target on {target.device}")
-    if not (isinstance(data_range, int | float) and data_range > 0):
-        raise MetricError(f"data_range must be a positive number, got {data_range!r}")
+    real = isinstance(data_range, int | float) and not isinstance(data_range, bool)
+    if not (real and math.isfinite(data_range) and data_range > 0):
+        raise MetricError(f"data_range must be a finite number > 0, got {data_range!r}")
     h, w = pred.shape[-2:]
     if not (isinstance(crop_border, int) and 0 <= 2 * crop_border < min(h, w)):
         raise MetricError(f"crop_border={crop_border!r} does not fit shape {tuple(pred.shape)}")

@@ -69,10 +69,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
-from deblur_lib.data import IMAGE_SUFFIXES
+from deblur_lib.data import EXIF_ORIENTATION, IMAGE_SUFFIXES, UPRIGHT, exif_orientation
 from deblur_lib.metrics import denormalize, psnr, ssim
 from deblur_lib.models import DEFAULT_MODEL, DeblurNet, ModelInfo, WeightsError, shipped_models
 from deblur_lib.weights import load_model
@@ -665,10 +665,17 @@ def aligned_scores(
 # --- files --------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode a PNG/JPEG and apply its EXIF orientation (the result is upright, its EXIF without
-    the orientation tag). Raises what Pillow raises on an unreadable file (OSError, ...)."""
+    the orientation tag). The orientation is read from the header as in training and
+    evaluation (``data.exif_orientation``), so a pair is seen the same way by both. Raises what
+    Pillow raises on an unreadable file (OSError, ...)."""
     with Image.open(path) as img:
+        orientation = exif_orientation(img)
         img.load()
-        upright = ImageOps.exif_transpose(img)
+        upright = img.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else img.copy()
+    exif = upright.getexif()
+    if EXIF_ORIENTATION in exif:
+        del exif[EXIF_ORIENTATION]
+        upright.info["exif"] = exif.tobytes()
     return upright
 
 

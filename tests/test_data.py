@@ -44,6 +44,12 @@ def _pair(root: Path, name: str, blur: np.ndarray, sharp: np.ndarray | None = No
     _save(root / "sharp" / name, blur if sharp is None else sharp)
 
 
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
 def _png16(path: Path, arr: np.ndarray) -> Path:
     """A 16-bit PNG (gray, gray+alpha, RGB or RGBA by channel count), written by hand."""
     h, w, c = arr.shape
@@ -64,6 +70,59 @@ def _png16(path: Path, arr: np.ndarray) -> Path:
 
 
 # --- load_image ---------------------------------------------------------------------------
+
+# stored pixels = the upright image under the inverse of what EXIF orientation N asks a viewer
+# to do, so that applying N gives the upright image back
+_STORE_FOR = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def _save_oriented(path: Path, upright: np.ndarray, orientation: int) -> Path:
+    """``upright`` stored as a phone does: pixels as the sensor read them + an Orientation tag."""
+    img, how = Image.fromarray(upright), _STORE_FOR[orientation]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (img.transpose(how) if how is not None else img).save(path, exif=_exif(orientation))
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_everywhere(tmp_path: Path, orientation: int) -> None:
+    """A pair whose blur is stored rotated with an EXIF tag and whose sharp is stored upright:
+    the header check, the full check, the loaded pixels and predict's reader all see the
+    image upright (before: 5-8 were a false size mismatch, 2-4 silently misaligned pairs)."""
+    from deblur_lib.data import image_sizes
+    from deblur_lib.predict import read_image
+
+    upright = _rgb(20, 30)
+    blur = _save_oriented(tmp_path / "blur" / "a.png", upright, orientation)
+    _save(tmp_path / "sharp" / "a.png", upright)
+    ds = PairedImageFolder(tmp_path)
+    assert ds.validate() == 1 and ds.validate(full=True) == 1
+    assert image_sizes(ds) == [(20, 30)]
+    loaded_blur, loaded_sharp = ds[0]
+    assert torch.equal(loaded_blur, loaded_sharp)
+    assert np.array_equal(np.asarray(read_image(blur)), upright)
+    assert main(["check", str(tmp_path), "--full"]) == 0
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path: Path) -> None:
+    """What a phone writes: a JPEG stored sideways with Orientation 6."""
+    upright = np.repeat(np.linspace(0, 255, 48, dtype=np.uint8)[None, :, None], 32, 0)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.repeat(upright, 3, 2)).transpose(Image.Transpose.ROTATE_90).save(
+        path, quality=95, exif=_exif(6)
+    )
+    loaded = load_image(path)
+    assert loaded.shape == (32, 48, 3)
+    assert np.abs(loaded[..., 0] * 255 - upright[..., 0]).max() < 4  # the ramp runs left-right
 
 
 def test_load_image_rgb8_exact(tmp_path: Path) -> None:
@@ -143,6 +202,41 @@ def test_flat_layout_with_subfolders(tmp_path: Path) -> None:
     torch.testing.assert_close(blur, want)
     torch.testing.assert_close(sharp, want)
     assert ds.validate(full=True) == 3
+
+
+def test_symlinked_subfolders_are_followed(tmp_path: Path) -> None:
+    """blur/ and sharp/ holding symlinks to folders kept elsewhere: every pair is found (before:
+    the linked folders were skipped, 12 pairs present, 8 found, no word)."""
+    root, store = tmp_path / "data", tmp_path / "store"
+    for i in range(8):
+        _pair(root, f"{i}.png", _rgb(16, 16, i))
+    for side in ("blur", "sharp"):
+        for i in range(4):
+            _save(store / side / "day2" / f"{i}.png", _rgb(16, 16, 100 + i))
+        (root / side / "day2").symlink_to(store / side / "day2", target_is_directory=True)
+    ds = PairedImageFolder(root)
+    assert len(ds) == 12 and ds.validate(full=True) == 12
+    assert "day2/3.png" in ds.names
+
+
+@pytest.mark.parametrize("case", ["loop", "two_links", "broken_link"])
+def test_symlinks_that_would_hide_or_repeat_images_are_errors(tmp_path: Path, case: str) -> None:
+    _pair(tmp_path, "a.png", _rgb(16, 16))
+    blur = tmp_path / "blur"
+    if case == "loop":  # blur/sub/up -> blur: endless names, each image again and again
+        (blur / "sub").mkdir()
+        (blur / "sub" / "up").symlink_to(blur, target_is_directory=True)
+        expected = r"blur/sub/up is .*blur again \(a symlink loop"
+    elif case == "two_links":
+        _save(tmp_path / "store" / "b.png", _rgb(16, 16, 1))
+        for name in ("x", "y"):
+            (blur / name).symlink_to(tmp_path / "store", target_is_directory=True)
+        expected = r"blur/y is .*blur/x again"
+    else:
+        (blur / "gone.png").symlink_to(tmp_path / "nowhere.png")
+        expected = r"broken link .*blur/gone.png -> .*nowhere.png"
+    with pytest.raises(DatasetError, match=expected):
+        PairedImageFolder(tmp_path)
 
 
 def test_gopro_layout(tmp_path: Path) -> None:
@@ -401,6 +495,19 @@ def test_cli_synth_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "crop_size 33" in capsys.readouterr().err
 
 
+def test_cli_synth_into_a_place_that_cannot_hold_a_folder_exits_2(tmp_path, capsys) -> None:
+    """Before: a NotADirectoryError traceback. Now: exit 2, one line, nothing created."""
+    (tmp_path / "file").write_text("not a folder")
+    for out, says in ((tmp_path / "file" / "data", "is a file, not a folder"),
+                      (Path("/proc/deblur_data"), "/proc is not writable")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main(["synth", "--out", str(out), "--n_train", "1", "--n_test", "1", "--size", "32"])
+        assert info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--out {out}: " in line and says in line
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -476,3 +583,15 @@ def test_keyed_crops_do_not_depend_on_order_or_workers(tiny_data):
     workers = make_loader(keyed, 4, shuffle=False, sampler=sampler, num_workers=2)
     parallel = [t for batch in workers for t in batch]
     assert all(torch.equal(x, y) for x, y in zip(serial, parallel, strict=True))
+
+
+def test_the_largest_seed_reaches_every_generator(tiny_data):
+    """--seed accepts up to 2**32 - 1; the seeds derived from it (per epoch, per sample) wrap
+    at torch's 64 bits instead of overflowing (before: ValueError from inside the loader)."""
+    ds = PairedImageFolder(tiny_data / "train", crop_size=24, augment=True)
+    seed = 2**32 - 1
+    sampler = GlobalBatchSampler(len(ds), 4, seed=seed)
+    sampler.set_epoch(49)
+    keys = list(sampler)
+    blur, _ = KeyedCrops(ds, seed=seed)[keys[-1]]
+    assert blur.shape == (3, 24, 24) and len(keys) == 8

@@ -73,8 +73,8 @@ def test_per_image_average_weights_the_uneven_last_batch():
     assert report.psnr != pytest.approx(per_batch, abs=1e-6)  # the seed's per-batch average
     loss = sum((b - s).abs().mean().item() * len(b) for b, s in batches) / 7
     assert report.loss == pytest.approx(loss)
-    assert (report.n_valid, report.n_total, report.n_images) == (3, 3, 7)
-    assert report.ok and report.skipped == dict.fromkeys(REASONS, 0)
+    assert (report.n_valid, report.n_total, report.n_images, report.n_images_total) == (3, 3, 7, 7)
+    assert report.ok and report.complete and report.skipped == dict.fromkeys(REASONS, 0)
 
 
 class NaNModel(nn.Module):
@@ -105,10 +105,10 @@ def test_mixed_batches_skip_only_the_bad_ones_with_reasons():
         "nonfinite_metric": 0,
         "metric_error": 3,
     }
-    assert (report.n_valid, report.n_total, report.n_images) == (1, 4, 2)
+    assert (report.n_valid, report.n_total, report.n_images, report.n_images_total) == (1, 4, 2, 8)
     blur, sharp = batches[3]
     assert report.psnr == pytest.approx(psnr(denormalize(blur), denormalize(sharp)).mean().item())
-    assert report.ok
+    assert report.ok and not report.complete  # a subset: not comparable with a full validation
 
 
 def test_nonfinite_output_takes_precedence_over_the_metric_error():

@@ -302,6 +302,19 @@ def test_step_guard_counts():
     }
 
 
+def test_step_guard_reset_max_keeps_the_current_run():
+    """A periodic check judges the longest run since the previous one: reset_max forgets the
+    runs that ended, not the one still going."""
+    guard = StepGuard()
+    for ok in [False, False, False, True, False]:
+        guard.update(torch.tensor(ok))
+    assert guard.read()["max_consecutive_bad"] == 3  # ended before this read
+    guard.reset_max()
+    assert guard.read()["max_consecutive_bad"] == 1  # the run still going
+    guard.update(torch.tensor(False))
+    assert guard.read()["max_consecutive_bad"] == 2
+
+
 def test_step_guard_state_dict_round_trip():
     guard = StepGuard()
     for ok in [False, False, True, False]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -171,12 +173,30 @@ def test_input_mistakes_raise_value_errors_naming_shapes(fn, case: str) -> None:
         fn(pred, target)
 
 
-@pytest.mark.parametrize("kwargs", [{"data_range": 0}, {"data_range": -1.0}, {"y_channel": True}])
+BAD_ARGUMENTS = [
+    {"data_range": 0},
+    {"data_range": -1.0},
+    {"data_range": math.inf},
+    {"data_range": math.nan},
+    {"data_range": True},
+    {"y_channel": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ARGUMENTS, ids=[str(k) for k in BAD_ARGUMENTS])
 def test_bad_arguments_raise(kwargs: dict) -> None:
+    """A MetricError (a ValueError): inf, NaN or a bool data_range used to pass unchecked."""
     pred, target = _random_pair((1, 1, 16, 16))
     for fn in (psnr, ssim):
         with pytest.raises(MetricError):
             fn(pred, target, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [psnr, ssim, calculate_metrics])
+def test_empty_batch_is_a_metric_error(fn) -> None:
+    """Not an IndexError from inside the chunking: the library's own error, naming the shape."""
+    with pytest.raises(MetricError, match=r"empty batch.*\(0, 3, 16, 16\)"):
+        fn(torch.zeros(0, 3, 16, 16), torch.zeros(0, 3, 16, 16))
 
 
 def _forbid(*_args, **_kwargs):

@@ -5,8 +5,9 @@ reads a YAML file of ``field: value`` lines first (``params/pretrain.yaml``), an
 on the command line override it. Everything is
 validated before a single file is created or overwritten. Exit codes: 0 normal finish, 2 usage
 error (argparse-style message naming the flag to change; also a data file that passes the
-header check but cannot be decoded, found during training), 3 stopped by a guard (the last
-line names the cause).
+header check but cannot be decoded, found during training: then the MLflow run is marked
+FAILED with the file named, and last.pt holds the last finished epoch), 3 stopped by a guard
+(the last line names the cause), 130 Ctrl-C, 143 SIGTERM (the MLflow run marked KILLED).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import yaml
 
 from deblur_lib.data import DatasetError
 from deblur_lib.train.config import TrainConfig, one_line
-from deblur_lib.train.loop import fit
+from deblur_lib.train.loop import Terminated, fit
 
 EXIT_OK, EXIT_USAGE, EXIT_STOPPED = 0, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
+RESUME_HINT = "MLflow run marked KILLED; last.pt holds the last finished epoch (--resume auto)"
 
 
 def _parse_bool(text: str) -> bool:
@@ -120,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fit(cfg)
     except DatasetError as exc:  # a file that passed the header check but cannot be decoded
-        problem = str(exc).split("\nexpected layout")[0]
-        print(f"{parser.prog}: error: {one_line(problem)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc.problem)}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:  # SIGTERM: the run is marked KILLED, last.pt kept (fit's docstring)
+        print(f"{parser.prog}: terminated (SIGTERM): {RESUME_HINT}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (Ctrl-C): {RESUME_HINT}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK if result.ok else EXIT_STOPPED
 
 

@@ -5,9 +5,10 @@ holding ``model``, ``optimizer``, ``scheduler``, ``step_guard`` state dicts, ``r
 numpy, torch, cuda), ``config`` (``TrainConfig.to_dict()``) and the fields of ``Progress``:
 ``epoch`` (last completed, -1 before the first), ``step`` (global), ``run_id`` (MLflow),
 ``best_psnr``, ``best_epoch``, ``rollbacks``, ``invalid_epochs``, ``history`` (one record per
-epoch); with ``--ema``, ``ema`` (the weight average: ``model`` state dict and ``updates``).
-Also here: what a run leaves in ``out_dir`` (``RUN_FILES``), moving an earlier run's files out
-of a fresh run's way, and removing temp files that a killed write left behind.
+epoch), ``stop_reason`` (set in ``last.pt`` when the run ends); with ``--ema``, ``ema`` (the
+weight average: ``model`` state dict and ``updates``). Also here: what a run leaves in
+``out_dir`` (``RUN_FILES``), moving an earlier run's files out of a fresh run's way, and
+removing temp files that a killed write left behind.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Progress:
     """The loop's bookkeeping, saved in every checkpoint. ``epoch``: last completed (-1 before
-    the first); ``step``: global optimizer steps taken or skipped; ``run_id``: MLflow run."""
+    the first); ``step``: global optimizer steps taken or skipped; ``run_id``: MLflow run;
+    ``stop_reason``: how the run ended (written into ``last.pt`` at the end; None while it
+    runs, or after a crash)."""
 
     epoch: int = -1
     step: int = 0
@@ -41,6 +44,7 @@ class Progress:
     best_epoch: int | None = None
     run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str | None = None
 
 
 def training_state(
@@ -70,7 +74,7 @@ def restore_training_state(state: dict, model, optimizer, scheduler, guard, ema=
     guard.load_state_dict(state["step_guard"])
     set_rng_state(state["rng"])
     names = [f.name for f in dataclasses.fields(Progress)]
-    return Progress(**{name: state[name] for name in names})
+    return Progress(**{name: state[name] for name in names if name in state})  # older: defaults
 
 
 def archive_previous_run(out_dir: str | Path) -> Path | None:

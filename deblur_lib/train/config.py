@@ -9,17 +9,22 @@ message names the flag to change. The command line (``python -m deblur_lib.train
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
-from deblur_lib.data import DatasetError, PairedImageFolder, image_sizes
+from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
 from deblur_lib.metrics import WIN_SIZE
+from deblur_lib.models import MODEL_PRESETS
+from deblur_lib.predict import estimate_memory_mb
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
+from deblur_lib.train.tracking import JSONL, read_jsonl, resolve_tracking_uri
 from deblur_lib.weights import load_checkpoint
 
 SYNTHETIC = "synthetic"  # --train_data value: generated pairs (synth.SyntheticPairs)
@@ -47,6 +52,11 @@ class TrainConfig:
         "on the fly (dead leaves + photos, realistic blur; never the same pair twice)",
     )
     test_data: str = _opt("data/test", "validation pairs, full size, same layout")
+    allow_test_in_train: bool = _opt(
+        False,
+        "accept test pairs that are training pairs (same folder, links or copies): a warning "
+        "and the MLflow tag test_in_train instead of a usage error",
+    )
     registered_model_name: str | None = _opt(None, "register the best model under this name")
     log_model: bool = _opt(
         True, "log the best model to MLflow at the end (false: checkpoints only)"
@@ -105,9 +115,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Check every field and the data folders; ValueError with a one-line fix message.
+        """Check every field, the data folders, the output folder and the tracking store's
+        URI; ValueError with a one-line fix message.
 
-        Reads image headers only; creates nothing.
+        Reads image headers only; creates nothing (the output and store folders are probed
+        with a temporary folder, removed at once).
         """
         _check_ranges(self)
         parse_threads(self.threads)
@@ -125,10 +137,96 @@ class TrainConfig:
         _check_resume(self)
         _check_out_dir(Path(self.out_dir))
         _check_data(self)
+        _check_tracking(self)  # last: everything else is known to be fine
+
+
+# --resume with settings other than the checkpoint's, flag by flag:
+#   same:  refused (exit 2 naming the flag): another value makes it another experiment;
+#   apply: the resumed run uses the new value from its first step on, and the change is
+#          tagged in MLflow as resume_changed.<flag> = "old -> new" (num_epochs: not below the
+#          epochs already done; a cosine schedule is laid out again over the new total);
+#   free:  not a setting of the run (where to resume from).
+# The checkpoint's config is always what ran after it: the new values.
+RESUME_POLICY = {
+    "train_data": "same",
+    "test_data": "same",
+    "allow_test_in_train": "apply",
+    "registered_model_name": "apply",
+    "log_model": "apply",
+    "batch_size": "same",
+    "num_epochs": "apply",
+    "learning_rate": "apply",  # the optimizer's lr (cosine: its base lr) is set to it
+    "patience": "apply",  # ReduceLROnPlateau's patience is set to it
+    "crop_size": "same",
+    "epoch_size": "same",
+    "model_size": "same",
+    "model_width": "same",
+    "device": "apply",
+    "amp": "apply",
+    "channels_last": "apply",
+    "compile": "apply",
+    "threads": "apply",
+    "seed": "same",
+    "num_workers": "apply",
+    "alpha": "same",
+    "beta": "same",
+    "grad_clip": "same",
+    "ema": "same",
+    "max_bad_steps": "apply",
+    "max_rollbacks": "apply",
+    "max_invalid_epochs": "apply",
+    "out_dir": "apply",
+    "resume": "free",
+    "experiment": "same",
+    "tracking_uri": "same",
+    "tracking_retry_s": "apply",
+    "guards": "same",
+    "detect_anomaly": "apply",
+    "inject_fault": "apply",
+    "scheduler": "same",
+    "warmup_steps": "same",
+    "val_every": "apply",
+    "log_every": "apply",
+    "max_steps_per_epoch": "same",
+}
+_PATH_FLAGS = ("train_data", "test_data", "out_dir")  # compared as resolved paths
+
+
+def resume_changes(
+    saved: dict[str, object], cfg: TrainConfig, epochs_done: int, where: str
+) -> dict[str, tuple[object, object]]:
+    """``{flag: (old, new)}``: the settings of ``cfg`` that differ from a checkpoint's
+    ``saved`` config and are applied on resume (``RESUME_POLICY``). ValueError naming the
+    first flag whose change is refused. ``where``: the checkpoint, for the message."""
+    changes = {}
+    for name, policy in RESUME_POLICY.items():
+        if policy == "free" or name not in saved:  # older checkpoints lack newer flags
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if name in _PATH_FLAGS and SYNTHETIC not in (old, new):
+            same = Path(str(old)).resolve() == Path(new).resolve()
+        else:
+            same = old == new
+        if same:
+            continue
+        if policy == "same":
+            raise ValueError(
+                f"--resume {where}: it was trained with --{name} {old}, not {new}; pass "
+                f"--{name} {old} (another value makes it another experiment: start a new run)"
+            )
+        if name == "num_epochs" and new < epochs_done:
+            raise ValueError(
+                f"--resume {where}: {epochs_done} epochs are done already; pass --num_epochs "
+                f"{epochs_done} or more (it was {old})"
+            )
+        changes[name] = (old, new)
+    return changes
 
 
 def _check_resume(cfg: TrainConfig) -> None:
-    """The checkpoint to resume must exist and hold the same architecture."""
+    """The checkpoint to resume must load, its settings must allow ``cfg``'s
+    (``resume_changes``), and the metrics.jsonl files a resume reads (in ``out_dir`` and
+    beside the checkpoint) must be whole but for a torn last line."""
     if cfg.resume is None:
         return
     path = Path(cfg.out_dir, "last.pt") if cfg.resume == "auto" else Path(cfg.resume)
@@ -140,13 +238,15 @@ def _check_resume(cfg: TrainConfig) -> None:
         state = load_checkpoint(path)
     except ValueError as exc:
         raise ValueError(f"--resume {cfg.resume}: {exc}; pass another file or 'auto'") from None
-    saved = state.get("config", {})
-    for name in ("model_size", "model_width", "scheduler"):
-        if name in saved and saved[name] != getattr(cfg, name):
-            raise ValueError(
-                f"--resume {path}: it was trained with --{name} {saved[name]}, "
-                f"not {getattr(cfg, name)}; pass the same value"
-            )
+    resume_changes(state.get("config", {}), cfg, state.get("epoch", -1) + 1, str(path))
+    for jsonl in dict.fromkeys([Path(cfg.out_dir, "metrics.jsonl"), path.with_name(JSONL)]):
+        if jsonl.is_file():
+            try:
+                read_jsonl(jsonl)
+            except ValueError as exc:
+                raise ValueError(
+                    f"--resume {cfg.resume}: {exc}; repair the file or move it away"
+                ) from None
     old_cosine = "scheduler" in state and "lr_lambdas" not in state["scheduler"]
     if cfg.scheduler == "cosine" and old_cosine:
         raise ValueError(
@@ -155,7 +255,22 @@ def _check_resume(cfg: TrainConfig) -> None:
         )
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch's (2**64 - 1) is wider
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"--{f.name} {os.fsencode(value)!r} is not valid UTF-8 (MLflow stores "
+                    "every setting as UTF-8 text): rename it"
+                ) from None
+    if not cfg.out_dir.strip():
+        raise ValueError("--out_dir must not be empty (it would write into the working folder)")
     at_least = {
         "batch_size": 1,
         "num_epochs": 1,
@@ -177,6 +292,13 @@ def _check_ranges(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < low):
             raise ValueError(f"--{name} must be an integer >= {low} (got {value!r})")
+    if cfg.seed > SEED_MAX:
+        raise ValueError(f"--seed must be an integer <= {SEED_MAX} (got {cfg.seed})")
+    cores = os.cpu_count() or 1
+    if cfg.num_workers is not None and cfg.num_workers > cores:
+        raise ValueError(
+            f"--num_workers {cfg.num_workers} is more than the {cores} CPUs: pass at most {cores}"
+        )
     lr = cfg.learning_rate
     if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"--learning_rate must be > 0 (got {lr!r}); the seed used 1e-4")
@@ -224,6 +346,7 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"least {SYNTHETIC_MIN_CROP} px"
             )
         folders = folders[1:]
+    found = {}
     for flag, root in folders:
         if not Path(root).is_dir():
             raise ValueError(
@@ -234,8 +357,7 @@ def _check_data(cfg: TrainConfig) -> None:
             ds = PairedImageFolder(root)
             ds.validate()  # headers only: unreadable files, blur/sharp size mismatches
         except DatasetError as exc:
-            problem = str(exc).split("\nexpected layout")[0]  # drop the layout drawing
-            raise ValueError(f"--{flag} {root}: {one_line(problem)}") from None
+            raise ValueError(f"--{flag} {root}: {one_line(exc.problem)}") from None
         if len(ds) == 0:
             raise ValueError(f"--{flag} {root}: no image pairs found (expected blur/ and sharp/)")
         sizes = image_sizes(ds)
@@ -251,16 +373,133 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"--test_data {root}: {name} is {smallest} px on a side; SSIM needs "
                 f"validation images of at least {WIN_SIZE} px (remove or enlarge it)"
             )
+        found[flag] = ds
+    _check_val_memory(cfg, found["test_data"])
+    if "train_data" in found and not cfg.allow_test_in_train:
+        overlap = shared_test_pairs(found["train_data"], found["test_data"])
+        if overlap:
+            raise ValueError(
+                f"--test_data {cfg.test_data}: {overlap}, so validation would measure "
+                "memorisation; pass other test data (or --allow_test_in_train true if meant)"
+            )
+
+
+def shared_test_pairs(train: PairedImageFolder, test: PairedImageFolder) -> str:
+    """ "" when no test pair is a training pair, else what overlaps ("N of M test pairs are
+    training pairs, e.g. FILE"): a test pair whose sharp image is a training sharp image, the
+    same file (same folder, links) or a byte-identical copy. Sizes first: only files of equal
+    size are compared."""
+    by_size: dict[int, list[Path]] = {}
+    for _, sharp in train.pairs:
+        by_size.setdefault(sharp.stat().st_size, []).append(sharp)
+    shared = [
+        sharp
+        for _, sharp in test.pairs
+        if any(
+            os.path.samefile(other, sharp) or filecmp.cmp(other, sharp, shallow=False)
+            for other in by_size.get(sharp.stat().st_size, ())
+        )
+    ]
+    if not shared:
+        return ""
+    return f"{len(shared)} of {len(test)} test pairs are training pairs (e.g. {shared[0]})"
+
+
+VAL_MEMORY_FRACTION = 0.5  # of the device's memory, for one validation batch's activations
+
+
+def device_memory_mb(device: str) -> tuple[float, str]:
+    """(MiB, what) of the memory training runs in: the GPU's (``LOCAL_RANK``'s) for cuda, else
+    the RAM this process may use (physical, or less under a cgroup v2 limit)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_properties(index).total_memory / 2**20, "GPU memory"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = ""
+    if limit.isdigit():
+        total = min(total, int(limit))
+    return total / 2**20, "RAM"
+
+
+def _check_val_memory(cfg: TrainConfig, test: PairedImageFolder) -> None:
+    """Validation runs each test image whole: refuse, before anything starts, a test set whose
+    largest image (times the validation batch) needs more activation memory than
+    ``VAL_MEMORY_FRACTION`` of the device's (``predict.estimate_memory_mb``, measured on
+    DeblurNet; the other half is for the weights, the training state and the metrics)."""
+    preset = MODEL_PRESETS[cfg.model_size]
+    width, multiple = cfg.model_width or preset["width"], 2 ** len(preset["enc_blocks"])
+    sizes = image_sizes(test)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.batch_size // world if len(set(sizes)) == 1 else 1  # as build_loaders does
+    i = max(range(len(sizes)), key=lambda k: sizes[k][0] * sizes[k][1])
+    h, w = sizes[i]
+    need = estimate_memory_mb(width, h, w, multiple) * batch
+    total, what = device_memory_mb(cfg.device)
+    limit = VAL_MEMORY_FRACTION * total
+    if need > limit:
+        batched = f" in batches of {batch}" if batch > 1 else ""
+        raise ValueError(
+            f"--test_data {cfg.test_data}: {test.pairs[i][1]} is {h}x{w} px; validating it"
+            f"{batched} with --model_size {cfg.model_size} needs about {need / 1024:.1f} GiB of "
+            f"activations, over the limit of {limit / 1024:.1f} GiB ({VAL_MEMORY_FRACTION:.0%} "
+            f"of the {total / 1024:.1f} GiB of {what}); crop or downscale the validation images"
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out_dir {out_dir} is a file; pass a folder")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out_dir {out_dir}: {existing} is not writable; pass another folder")
+    if problem := folder_problem(out_dir):
+        raise ValueError(f"--out_dir {out_dir}: {problem}; pass another folder")
+
+
+def _check_tracking(cfg: TrainConfig) -> None:
+    """The tracking URI names a store MLflow has, and a local store (sqlite, file) can be
+    created where it points. Nothing is created and no server is asked: one that does not
+    answer is an outage, which training survives (``tracking.Tracker``). Rank 0 only: the
+    other DDP ranks never track (nor import mlflow)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from mlflow.exceptions import MlflowException  # heavy: only when every other check passed
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    flag = "--tracking_uri" if cfg.tracking_uri else "--tracking_uri (from $MLFLOW_TRACKING_URI)"
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        raise ValueError(
+            f"{flag} {uri}: MLflow has no tracking store for the scheme "
+            f"{urlsplit(uri).scheme!r}; use sqlite:///PATH.db, file:FOLDER or http(s)://HOST"
+        ) from None
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///") :].split("?")[0] if uri.startswith("sqlite:///") else ""
+        if db and not db.startswith(":memory:"):
+            problem = _db_file_problem(Path(db))
+            if problem:
+                raise ValueError(f"{flag} {uri}: {problem}; pass another path")
+    elif scheme in ("", "file"):
+        folder = Path(urlsplit(uri).path if scheme else uri)
+        if problem := folder_problem(folder):
+            raise ValueError(f"{flag} {uri}: {problem}; pass another folder")
+
+
+def _db_file_problem(db: Path) -> str | None:
+    """Why sqlite cannot open or create ``db`` (its runs' artifacts go beside it, in mlruns/)."""
+    if db.is_dir():
+        return f"{db} is a folder, not a database file"
+    if db.exists():
+        try:
+            with open(db, "r+b"):  # opened for writing, nothing written
+                pass
+        except OSError as exc:
+            return f"{db} cannot be written ({exc.strerror})"
+        return None
+    return folder_problem(db.parent)
 
 
 def one_line(exc: BaseException | str) -> str:

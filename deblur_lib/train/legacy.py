@@ -181,7 +181,7 @@ def evaluate_seed_style(
         model.train(was_training)
     d = max(n_batches, 1)
     report = EvalReport(
-        total_loss / d, total_psnr / d, total_ssim / d, n_batches, n_batches, {}, n_images
+        total_loss / d, total_psnr / d, total_ssim / d, n_batches, n_batches, {}, n_images, n_images
     )
     log.info(report.summary())
     return report

@@ -6,13 +6,18 @@ step: forward (optional bf16 autocast), loss, backward, clip and measure the gra
 skip-or-step, zero grads, and every ``log_every`` steps read the device-side guard counters
 (the loop's only sync point). Then: evaluate, step the scheduler on a valid PSNR, checkpoint
 (atomic, finite weights only), log the epoch to MLflow. The end: load the best weights, log
-figures and the model, mark the MLflow run, one final line naming the ``stop_reason``.
+figures and the model, write the ``stop_reason`` into ``last.pt``, mark the MLflow run, one
+final line naming the ``stop_reason``. Resume: ``config.RESUME_POLICY`` says which changed
+settings apply; a completed run is not trained again unless ``num_epochs`` grew.
 
 Guards on (default): a step whose loss or gradients are not finite is skipped on the device
 (``guards.masked_step``; under DDP the flag is all-reduced first, so every rank skips the same
-steps) and counted. More than ``max_bad_steps`` consecutive skips: roll back to ``last.pt``
-with the LR halved; more than ``max_rollbacks`` rollbacks: stop, naming the first module whose
-output was non-finite. ``max_invalid_epochs`` consecutive invalid validations: stop.
+steps) and counted. More than ``max_bad_steps`` consecutive skips (the longest run since the
+previous read of the counters): roll back to ``last.pt`` with the LR halved; more than
+``max_rollbacks`` rollbacks: stop, naming the first module whose output was non-finite.
+A validation is valid only over every image: a partial one is logged as ``val_*_partial`` and
+counts as invalid; ``max_invalid_epochs`` consecutive invalid validations: stop; a run without
+any valid validation ends as ``no_valid_validation``. Ctrl-C and SIGTERM: see ``fit``.
 Guards off: the original loop (``legacy``: the seed's loss and evaluation, metrics logged and
 fed to the scheduler as they come) for the notebooks' "before" runs.
 
@@ -25,10 +30,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from deblur_lib.data import (
+    DatasetError,
     FreshKeys,
     GlobalBatchSampler,
     KeyedCrops,
@@ -68,10 +76,16 @@ from deblur_lib.train.checkpoint import (
     restore_training_state,
     training_state,
 )
-from deblur_lib.train.config import SYNTHETIC, TrainConfig
+from deblur_lib.train.config import (
+    SYNTHETIC,
+    TrainConfig,
+    one_line,
+    resume_changes,
+    shared_test_pairs,
+)
 from deblur_lib.train.ema import WeightAverage
 from deblur_lib.train.threads import ThreadPolicy, parse_threads
-from deblur_lib.train.tracking import Tracker
+from deblur_lib.train.tracking import JSONL, Tracker, read_jsonl, repair_jsonl
 from deblur_lib.weights import load_checkpoint, save_checkpoint, weights_finite
 
 __all__ = ["STOP_REASONS", "StopTraining", "TrainResult", "Trainer", "fit"]
@@ -82,6 +96,8 @@ STOP_REASONS = {
     "rollbacks_exhausted": "non-finite steps kept coming after --max_rollbacks rollbacks",
     "invalid_epochs": "--max_invalid_epochs consecutive validations were invalid",
     "nonfinite_weights": "the weights became non-finite (guards on)",
+    "no_valid_validation": "every epoch ran, but no validation was valid over every image "
+    "(guards on): there is no best checkpoint and no model was logged or registered",
 }
 
 
@@ -118,14 +134,33 @@ class StopTraining(Exception):
         self.reason, self.message = reason, message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how batch schedulers and ``docker stop`` end a job), raised in the main thread
+    like Ctrl-C's KeyboardInterrupt, so that both end a run the same way."""
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+    raise Terminated(f"signal {signum}")
+
+
 def fit(cfg: TrainConfig) -> TrainResult:
-    """Train as ``cfg`` says (see the module docstring); ValueError if ``cfg`` is invalid."""
+    """Train as ``cfg`` says (see the module docstring); ValueError if ``cfg`` is invalid.
+
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (``Terminated``, handled while ``fit`` runs in the
+    main thread) abandon the step in progress: ``last.pt`` stays the last finished epoch's, the
+    MLflow run is marked KILLED with the tag ``stop_reason`` = ``interrupted`` or
+    ``terminated``, and the exception propagates (the CLI exits 130 or 143)."""
     cfg.validate()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     ctx, device = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, ctx, device).run()
     finally:
         distributed.teardown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class Trainer:
@@ -179,32 +214,69 @@ class Trainer:
             retry_interval_s=cfg.tracking_retry_s,
         )
         self.last_batch: torch.Tensor | None = None  # rerun under NanDetector before a stop
+        self.resumed_from: Path | None = None  # the checkpoint, when resumed
+        self.changes: list[tuple[str, tuple]] = []  # settings changed on resume, applied
 
     def run(self) -> TrainResult:
         cfg, resumed = self.cfg, self._resume()  # _resume replaces self.progress
         p = self.progress
-        params = None if resumed else cfg.to_dict()  # params are logged once per run
-        p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
-        self.tracker.set_tags({"guards": cfg.guards})
-        if self.ctx.is_main:
-            for text in self.loaders.range_warnings:
-                log.warning("data range: %s", text)
-        if resumed:
-            self._relog_last_epoch()
-        else:
-            self._save(self.last_path)  # the rollback target until the first epoch ends
+        if resumed and p.stop_reason == "completed" and p.epoch + 1 >= cfg.num_epochs:
+            return self._finished_already()
+        p.stop_reason = None  # running (again)
         reason, message = "completed", ""
         try:
+            params = None if resumed else cfg.to_dict()  # params are logged once per run
+            p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
+            self.tracker.set_tags({"guards": cfg.guards})
+            if cfg.allow_test_in_train and cfg.train_data != SYNTHETIC:
+                self._warn_test_in_train()
+            changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}
+            self.tracker.set_tags(changed)
+            if self.ctx.is_main:
+                for text in self.loaders.range_warnings:
+                    log.warning("data range: %s", text)
+            if resumed:
+                self._relog_last_epoch()
+            else:
+                self._save(self.last_path)  # the rollback target until the first epoch ends
             with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
                 for epoch in range(p.epoch + 1, cfg.num_epochs):
                     self.epoch = epoch
                     self._end_epoch(epoch, self._train_epoch(epoch))
         except StopTraining as stop:
             reason, message = stop.reason, stop.message
-        except BaseException as exc:  # a crash or Ctrl-C: close the MLflow run, then re-raise
-            self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except BaseException as exc:  # a crash, a bad file, Ctrl-C, SIGTERM: close the run
+            self._abort(exc)
             raise
-        return self._finish(reason, message)
+        try:
+            return self._finish(reason, message)
+        except BaseException as exc:  # e.g. SIGTERM while the model uploads
+            self._abort(exc)
+            raise
+
+    def _warn_test_in_train(self) -> None:
+        """--allow_test_in_train: say how much of the test set is training data, once in the
+        log and as the MLflow tag ``test_in_train`` (validation then measures memorisation)."""
+        train, test = PairedImageFolder(self.cfg.train_data), PairedImageFolder(self.cfg.test_data)
+        if overlap := shared_test_pairs(train, test):
+            self.tracker.set_tags({"test_in_train": overlap})
+            if self.ctx.is_main:
+                log.warning("--allow_test_in_train: %s; validation measures memorisation", overlap)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Tag why the run ends early and mark the MLflow run (KILLED for Ctrl-C and SIGTERM,
+        FAILED otherwise); ``last.pt`` stays as the last finished epoch wrote it."""
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        else:
+            reason = "data_error" if isinstance(exc, DatasetError) else "crashed"
+        what = one_line(exc.problem) if isinstance(exc, DatasetError) else type(exc).__name__
+        line = f"{reason} in epoch {self.epoch} ({what}); last.pt holds epoch {self.progress.epoch}"
+        if self.tracker.started:
+            self.tracker.set_tags({"stop_reason": reason, "stop_message": line})
+        self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if self.ctx.is_main:
+            log.warning("Training %s", line)
 
     # --- one epoch of steps -----------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> torch.Tensor:
@@ -261,20 +333,24 @@ class Trainer:
 
     def _check_guard(self, bar, acc: torch.Tensor) -> None:
         """Read the counters (note: a CPU-GPU sync point, once per log interval); roll back or
-        stop after too many consecutive skipped steps."""
+        stop after too many consecutive skipped steps. The longest run since the last check
+        counts (``max_consecutive_bad``), also one that ended between the two checks."""
         counts, cfg, p = self.guard.read(), self.cfg, self.progress
         self.threads.check()  # fewer threads while other processes hold cores (threads.py)
         if bar is not None:
             loss_sum, taken = acc[:2].tolist()
-            bar.set_postfix(loss=loss_sum / max(taken, 1), skipped=counts["skipped_total"])
-        bad = counts["consecutive_bad"]
+            # no step taken this epoch yet: there is no loss to show (not 0)
+            bar.set_postfix(loss=loss_sum / taken if taken else "skipped",
+                            skipped=counts["skipped_total"])  # fmt: skip
+        bad = counts["max_consecutive_bad"]
         if bad <= cfg.max_bad_steps:
+            self.guard.reset_max()  # the next check judges the runs after this one
             return
         what = f"{bad} consecutive non-finite steps (> --max_bad_steps {cfg.max_bad_steps})"
         if p.rollbacks >= cfg.max_rollbacks:
             raise StopTraining(
                 "rollbacks_exhausted",
-                f"{what} up to step {p.step - 1} after {p.rollbacks} rollback(s) "
+                f"{what} by step {p.step - 1} after {p.rollbacks} rollback(s) "
                 f"(--max_rollbacks {cfg.max_rollbacks}); {self._diagnose()}",
             )
         lr = self.optimizer.param_groups[0]["lr"] * 0.5
@@ -291,7 +367,7 @@ class Trainer:
         p.rollbacks += 1
         if self.ctx.is_main:
             log.warning(
-                f"rollback {p.rollbacks}/{cfg.max_rollbacks}: {what} up to step "
+                f"rollback {p.rollbacks}/{cfg.max_rollbacks}: {what} by step "
                 f"{p.step - 1}; restored {self.last_path} (epoch {ck['epoch']}), "
                 f"lr -> {lr:.3g}"
             )
@@ -341,12 +417,21 @@ class Trainer:
                 metrics=self.metrics,
             )
             rec.update(val_valid_batches=report.n_valid, val_total_batches=report.n_total)
+            rec.update(val_valid_images=report.n_images, val_total_images=report.n_images_total)
             rec.update({f"val_skipped_{k}": v for k, v in report.skipped.items()})
-            valid = not self.guarded or report.ok  # the original trusted whatever came
+            # only a validation over every image counts: the mean of a subset is another
+            # quantity, which must not drive the LR nor pick best.pt (the original trusted all)
+            valid = not self.guarded or report.complete
             if valid:
                 rec.update(val_loss=report.loss, val_psnr=report.psnr, val_ssim=report.ssim)
                 if cfg.scheduler == "plateau":
                     self.scheduler.step(report.psnr)  # guards off: NaN and 0.0 go in too
+            elif report.ok:  # partial: logged under its own names, for the record only
+                rec.update(
+                    val_loss_partial=report.loss,
+                    val_psnr_partial=report.psnr,
+                    val_ssim_partial=report.ssim,
+                )
             p.invalid_epochs = 0 if valid else p.invalid_epochs + 1
         rec["epoch_s"] = time.perf_counter() - self.epoch_start  # training + validation
         p.epoch = epoch
@@ -366,13 +451,19 @@ class Trainer:
                 raise StopTraining("nonfinite_weights", msg)
             log.warning(msg)
         if report is not None and not valid:
+            what = "invalid"
+            if report.ok:
+                what = (
+                    f"partial ({report.n_images}/{report.n_images_total} images valid; logged as "
+                    "val_*_partial, counted as invalid)"
+                )
             msg = (
                 f"{p.invalid_epochs} consecutive invalid validation(s) (--max_invalid_epochs "
-                f"{cfg.max_invalid_epochs}), last at epoch {epoch}: {report.summary()}"
+                f"{cfg.max_invalid_epochs}), last at epoch {epoch}, {what}: {report.summary()}"
             )
             if p.invalid_epochs >= cfg.max_invalid_epochs:
                 raise StopTraining("invalid_epochs", msg)
-            log.warning("%s; metrics not logged, scheduler not stepped, no best checkpoint", msg)
+            log.warning("%s; val_psnr not logged, scheduler not stepped, no best checkpoint", msg)
 
     # --- checkpoints and resume ---------------------------------------------------------------
     def _save(self, path: Path) -> None:
@@ -405,35 +496,118 @@ class Trainer:
         objects = (self.model, self.optimizer, self.scheduler, self.guard, self.ema)
         p = restore_training_state(ck, *objects)
         p.run_id = p.run_id or None  # "" when the tracking server was down at the first start
-        self.progress = p
+        self.progress, self.resumed_from = p, path
+        if p.best_epoch is not None:
+            missing = not self.best_path.is_file()
+            distributed.barrier()  # every rank looked before rank 0 copies
+            if missing:
+                self._adopt_best(path.with_name(self.best_path.name))
+        # checked by TrainConfig.validate already: only changes RESUME_POLICY applies remain
+        changes = resume_changes(ck.get("config", {}), cfg, p.epoch + 1, str(path))
+        self.changes = list(changes.items())
+        if "learning_rate" in changes:  # the restored state holds the old one
+            if self.per_step_schedule:  # LambdaLR: lr = base_lr * factor(step)
+                self.scheduler.base_lrs = [cfg.learning_rate for _ in self.scheduler.base_lrs]
+                factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+            else:
+                factors = [1.0] * len(self.optimizer.param_groups)
+            for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+                group["lr"] = cfg.learning_rate * factor
+        if "patience" in changes and cfg.scheduler == "plateau":
+            self.scheduler.patience = cfg.patience
         if self.ctx.is_main:
+            jsonl = self.tracker.jsonl_path
+            if jsonl.is_file() and (torn := repair_jsonl(jsonl)):
+                log.warning("%s: dropped a torn last line (a write cut by the crash): %r",
+                            jsonl, torn[:120])  # fmt: skip
             log.info(
                 f"resumed from {path}: epoch {p.epoch} done, continuing at epoch "
                 f"{p.epoch + 1} (MLflow run {p.run_id})"
             )
+            for name, (old, new) in self.changes:
+                log.info("--%s changed on resume: %s -> %s (applied)", name, old, new)
         return True
 
+    def _adopt_best(self, source: Path) -> None:
+        """``--resume FILE`` into another ``out_dir``: the best checkpoint so far is the one
+        beside FILE; copy it, so that this folder holds the whole run. Without it, the best
+        is looked for again from the next validation on."""
+        p = self.progress
+        if source.is_file():
+            if self.ctx.is_main:
+                self.best_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, self.best_path)
+                log.info("copied %s (epoch %d, the best so far) to %s", source, p.best_epoch,
+                         self.best_path)  # fmt: skip
+            distributed.barrier()
+            return
+        if self.ctx.is_main:
+            log.warning("%s (epoch %s, the best so far) is missing: the best is looked for "
+                        "again from the next validation on", source, p.best_epoch)  # fmt: skip
+        p.best_epoch, p.best_psnr = None, -math.inf
+
     def _relog_last_epoch(self) -> None:
-        """Log the checkpoint's last epoch again when a crash came between writing the checkpoint
-        and logging the epoch (metrics.jsonl, written first, does not have that step yet)."""
-        p, path = self.progress, self.tracker.jsonl_path
+        """Log the checkpoint's last epoch when a crash came between writing the checkpoint and
+        logging the epoch. Which steps the run has is asked of the tracking store; when it
+        cannot say (unreachable, tracking off), of metrics.jsonl in out_dir and beside the
+        checkpoint (``--resume FILE`` from another folder). A step is never logged twice."""
+        p = self.progress
         if not p.history or not self.ctx.is_main:
             return
-        steps = [-1]
-        if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            steps += [json.loads(line)["step"] for line in lines if line.strip()]
-        if max(steps) < p.epoch:
-            rec = {k: v for k, v in p.history[-1].items() if k != "epoch"}
-            self.tracker.log_metrics(rec, step=p.epoch, raw=not self.guarded)
-            log.info(
-                "epoch %d was checkpointed but not logged before the crash: logged now", p.epoch
-            )
+        steps, source = self.tracker.logged_steps(), f"MLflow run {self.tracker.run_id}"
+        if steps is None:
+            files = dict.fromkeys([self.tracker.jsonl_path, self.resumed_from.with_name(JSONL)])
+            files = [f for f in files if f.is_file()]
+            steps = {rec["step"] for f in files for rec in read_jsonl(f)[0]}
+            where = " and ".join(map(str, files)) or f"no {JSONL}"
+            source = f"{where} (the tracking store cannot tell)"
+        if p.epoch in steps:
+            return
+        rec = {k: v for k, v in p.history[-1].items() if k != "epoch"}
+        self.tracker.log_metrics(rec, step=p.epoch, raw=not self.guarded)
+        log.info("epoch %d was checkpointed but is not in %s: logged now", p.epoch, source)
+
+    def _finished_already(self) -> TrainResult:
+        """``--resume`` of a run that completed every epoch, ``--num_epochs`` not raised: one
+        line, and nothing trained, logged, registered or written."""
+        p = self.progress
+        best = self.best_path if p.best_epoch is not None and self.best_path.is_file() else None
+        if best is not None:
+            ck = load_checkpoint(best, self.device)
+            self.final.load_state_dict(ck["ema"]["model"] if self.ema else ck["model"])
+        line = (
+            f"{self.resumed_from}: the run finished all {p.epoch + 1} epochs (MLflow run "
+            f"{p.run_id}); nothing to do (raise --num_epochs to train on)"
+        )
+        if self.ctx.is_main:
+            log.info(line)
+        return TrainResult(
+            stop_reason="completed",
+            message=line,
+            epochs_completed=p.epoch + 1,
+            global_step=p.step,
+            best_psnr=p.best_psnr if best else math.nan,
+            best_epoch=p.best_epoch,
+            best_checkpoint=best,
+            last_checkpoint=self.resumed_from,
+            run_id=p.run_id,
+            skipped_steps=self.guard.read()["skipped_total"],
+            rollbacks=p.rollbacks,
+            history=p.history,
+            model=self.final.eval(),
+        )
 
     # --- the end ------------------------------------------------------------------------------
     def _finish(self, reason: str, message: str) -> TrainResult:
         cfg, p = self.cfg, self.progress
         best = self.best_path if p.best_epoch is not None else None
+        if reason == "completed" and best is None and self.guarded:
+            n_val = sum("val_total_batches" in rec for rec in p.history)
+            reason = "no_valid_validation"
+            message = (
+                f"{p.epoch + 1} epoch(s) ran, and none of the {n_val} validation(s) was valid over "
+                "every image (see the val_skipped_* metrics): no best checkpoint"
+            )
         if reason == "completed":
             psnr = f"{p.best_psnr:.2f} dB at epoch {p.best_epoch}" if best else "none valid"
             line = f"Training finished: {p.epoch + 1} epochs; best val_psnr {psnr}"
@@ -454,9 +628,14 @@ class Trainer:
                     train_crop_size=cfg.crop_size,
                     preset=cfg.model_size if cfg.model_width is None else None,
                 )
+        self._record_stop(reason)
         self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
         if self.ctx.is_main:
             log.log(logging.INFO if reason == "completed" else logging.WARNING, line)
+            if best is None and cfg.log_model:
+                name = f" as {cfg.registered_model_name!r}" if cfg.registered_model_name else ""
+                log.warning("no valid validation, no best checkpoint: no model was logged or "
+                            "registered%s", name)  # fmt: skip
         return TrainResult(
             stop_reason=reason,
             message=line,
@@ -472,6 +651,16 @@ class Trainer:
             history=p.history,
             model=self.final.eval(),
         )
+
+    def _record_stop(self, reason: str) -> None:
+        """Write how the run ended into ``last.pt`` (its state otherwise unchanged: the live
+        model may hold the best weights by now, or a stopped epoch's), so that a ``--resume``
+        of a finished run knows it."""
+        self.progress.stop_reason = reason
+        if self.ctx.is_main and self.last_path.is_file():
+            state = load_checkpoint(self.last_path)
+            save_checkpoint(self.last_path, state | {"stop_reason": reason})
+        distributed.barrier()
 
     def _log_figures(self) -> None:
         """Rank 0: the curves PNG and blur/restored/sharp triplets of the first test images (the

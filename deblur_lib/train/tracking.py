@@ -6,7 +6,8 @@
   database file (so ``./mlruns`` for the default URI).
 * Metrics: a value is *invalid* when it is NaN/inf, a 999.0/-999.0 sentinel, or exactly
   0.0 for a quality metric (name ending in ``psnr``/``ssim``, optionally ``_db``/``_mean``/
-  ``_y``: ``val_psnr``, ``val_ssim``, not the counter ``msssim_fallbacks``). Invalid values
+  ``_y``/``_partial``: ``val_psnr``, ``val_ssim_partial``, not the counter
+  ``msssim_fallbacks``). Invalid values
   are not sent to MLflow (``raw=True`` sends them anyway: the seed's behaviour, for "before"
   runs); a warning is logged once per name and ``.dropped`` counts them.
   ``out_dir/metrics.jsonl`` gets every record: ``{"step", "time", <name>: value or null,
@@ -50,13 +51,14 @@ from deblur_lib.models import save_weights
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+JSONL = "metrics.jsonl"  # every logged record, in out_dir
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 SENTINELS = (999.0, -999.0)
-QUALITY_METRIC = re.compile(r"(psnr|ssim)(_db|_mean|_y)?$", re.IGNORECASE)
+QUALITY_METRIC = re.compile(r"(psnr|ssim)(_db|_mean|_y|_partial)?$", re.IGNORECASE)
 RESERVED_KEYS = ("step", "time", "dropped", "invalid")
 _PARAM_MAX = 6000
 
@@ -78,6 +80,66 @@ def invalid_reason(name: str, value: float | None) -> str | None:
     if value in SENTINELS or (value == 0.0 and QUALITY_METRIC.search(name)):
         return f"sentinel {value!r}"
     return None
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """The records of a ``metrics.jsonl`` and its torn tail: ``(records, tail)``.
+
+    A crash in the middle of a write leaves a last line without its newline; when that line is
+    not a whole record it is the ``tail`` (returned as text, not parsed; "" when there is
+    none). Any other damage (a line that is not a JSON object with an integer ``step``, bytes
+    that are not UTF-8) raises ValueError naming the file and the line.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    body, newline, tail = data.rpartition(b"\n")
+    if not newline:
+        body, tail = b"", data
+    lines = body.split(b"\n") if body else []
+    if tail.strip() and _record(tail) is not None:
+        lines, tail = [*lines, tail], b""  # whole, only its newline is missing
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None:
+            text = line[:80].decode("utf-8", "backslashreplace")
+            raise ValueError(
+                f"{path}: line {number} of {len(lines) + bool(tail)} is damaged ({text!r}): not "
+                "a metrics record; only a torn last line, as a crash leaves it, is dropped"
+            )
+        records.append(record)
+    return records, tail.decode("utf-8", "backslashreplace")
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)  # bytes: decoded as UTF-8
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return None
+    return record
+
+
+def repair_jsonl(path: str | Path) -> str:
+    """Make ``metrics.jsonl`` safe to append to: drop a torn last line (``read_jsonl``) and
+    end a whole last record with its newline. Returns the dropped text ("" when none);
+    ValueError (nothing changed) on any other damage."""
+    path = Path(path)
+    _, tail = read_jsonl(path)
+    data = path.read_bytes()
+    if tail:
+        data = data[: data.rfind(b"\n") + 1]
+    elif data and not data.endswith(b"\n"):
+        data += b"\n"
+    else:
+        return ""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return tail
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -138,7 +200,7 @@ class Tracker:
         self.experiment = experiment
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.out_dir = Path(out_dir)
-        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        self.jsonl_path = self.out_dir / JSONL
         self.enabled = enabled
         self.artifact_location = artifact_location
         self.retry_interval_s = retry_interval_s
@@ -157,6 +219,11 @@ class Tracker:
                 os.environ.setdefault(key, value)
 
     # --- public API -------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """True once ``start`` was called with tracking enabled (a run exists or is queued)."""
+        return self._client is not None
+
     def start(
         self,
         run_name: str | None = None,
@@ -279,6 +346,24 @@ class Tracker:
             return None
         self.set_tags({"best_model_uri": info.model_uri})
         return info.model_uri
+
+    def logged_steps(self) -> set[int] | None:
+        """The steps at which the run has any metric, as the tracking store says; None when it
+        cannot say (disabled, no run yet, or the server is unreachable)."""
+        if not self.enabled or self.offline or not self.run_id:
+            return None
+        from mlflow.exceptions import MlflowException  # heavy: on first use
+
+        steps: set[int] = set()
+        try:
+            for key in self._client.get_run(self.run_id).data.metrics:
+                steps |= {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        except (MlflowException, OSError) as exc:
+            if not _is_outage(exc):
+                raise
+            self._go_offline(exc)
+            return None
+        return steps
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run terminated (FINISHED, FAILED or KILLED) after one last replay."""

@@ -41,7 +41,7 @@ from deblur_lib.train.faults import TRAIN_KINDS, VAL_KINDS
 from deblur_lib.weights import load_checkpoint
 
 torch.set_num_threads(2)
-QUALITY = re.compile(r"(psnr|ssim)$")
+QUALITY = re.compile(r"(psnr|ssim)(_partial)?$")
 EXPERIMENT = "fault-matrix"
 
 
@@ -59,6 +59,8 @@ class Case:
     fallbacks: int | None = 0
     val_skipped: dict = field(default_factory=dict)
     says: tuple[str, ...] = ()  # substrings of the stop message / error / warning
+    rollbacks: int | None = 0
+    tags: tuple[str, ...] = ()  # MLflow tags the run must have
 
 
 # NaN at (0, 0) of sample 0 spreads over that sample only (no batch statistics): one skipped
@@ -73,10 +75,13 @@ TRAIN_ROWS = [
     )
     for kind in TRAIN_KINDS
 ]
+# one bad batch of two at epoch 0: a partial validation (logged as val_*_partial, counted as
+# invalid); epoch 1's full validation is the one that counts
 VAL_ROWS = [
     Case(
         kind,
         f"{kind}@epoch=0",
+        overrides={"num_epochs": 2, "max_steps_per_epoch": 1},
         val_skipped={"metric_error" if kind == "val_metric_error" else "nonfinite_output": 1},
     )
     for kind in VAL_KINDS
@@ -89,6 +94,7 @@ OTHER_ROWS = [
         expect="rollbacks_exhausted",
         skipped=4,
         fallbacks=None,
+        rollbacks=1,
         says=("consecutive non-finite steps", "input to the model"),
     ),
     Case(
@@ -98,6 +104,31 @@ OTHER_ROWS = [
         expect="invalid_epochs",
         val_skipped={"nonfinite_output": 4},
         says=("Evaluated 0/2 batches successfully (skipped: nonfinite_output=2)",),
+    ),
+    Case(  # 5 skips straddle the check at the end of epoch 0: 3 before it, 2 after
+        "skip run across a guard read",
+        "nan_loss@step=1,count=5",
+        overrides={"num_epochs": 2, "max_steps_per_epoch": 4, "log_every": 10, "max_bad_steps": 3},
+        skipped=5,
+        fallbacks=None,
+        rollbacks=1,
+        says=("rollback 1/3: 5 consecutive non-finite steps",),
+    ),
+    Case(
+        "no valid validation",
+        "val_nan_output@epoch=0,batches=all",
+        overrides={"max_invalid_epochs": 2, "registered_model_name": "never", "log_model": True},
+        expect="no_valid_validation",
+        val_skipped={"nonfinite_output": 2},
+        says=("none of the 1 validation(s) was valid",),
+    ),
+    Case(
+        "partial validation only",
+        "val_nan_output@epoch=0",
+        overrides={"max_invalid_epochs": 2},
+        expect="no_valid_validation",
+        val_skipped={"nonfinite_output": 1},
+        says=("none of the 1 validation(s) was valid",),
     ),
     Case("constant frames (files)", data="constant"),
     Case("val images 32-160 px", data="val_sizes", val_skipped={}),
@@ -114,6 +145,13 @@ OTHER_ROWS = [
         says=("truncated image", "train/sharp/0002.png"),
     ),
     Case(
+        "truncated train file, 1 worker",
+        data="truncated",
+        overrides={"max_steps_per_epoch": None, "num_workers": 1},
+        expect="DatasetError",
+        says=("truncated image", "train/sharp/0002.png"),
+    ),
+    Case(
         "truncated val file",
         data="truncated_val",
         expect="DatasetError",
@@ -122,6 +160,13 @@ OTHER_ROWS = [
     Case("unpaired file", data="unpaired", expect="ValueError", says=("train/blur/9999.png",)),
     Case("blur/sharp size mismatch", data="mismatch", expect="ValueError", says=("0001.png",)),
     Case("val images 8 px", data="val_8px", expect="ValueError", says=("at least 11 px",)),
+    Case(
+        "test data = train data, allowed",
+        data="test_is_train",
+        overrides={"allow_test_in_train": True},
+        says=("4 of 4 test pairs are training pairs",),
+        tags=("test_in_train",),
+    ),
     Case("range: normalised twice", data="range_upper", says=("upper half",)),
     Case("range: 8-bit values in 16-bit", data="range_dark16", says=("spans only",)),
 ]
@@ -197,6 +242,12 @@ def _mutate(root: Path, name: str) -> None:
     elif name == "val_8px":
         for path in sorted((root / "test").glob("*/*.png")):
             Image.open(path).resize((8, 8)).save(path)
+    elif name == "test_is_train":  # the test split holds copies of four training pairs
+        shutil.rmtree(root / "test")
+        for side in ("blur", "sharp"):
+            (root / "test" / side).mkdir(parents=True)
+            for path in sorted((root / "train" / side).glob("*.png"))[:4]:
+                shutil.copy(path, root / "test" / side / path.name)
     elif name == "range_upper":  # x -> 128 + x / 2: the image normalised a second time
         for path in _images(root):
             Image.fromarray((128 + _rgb(path) // 2).astype(np.uint8)).save(path)
@@ -322,11 +373,15 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
                 assert text in result.message, result.message
         elif case.says:
             assert any(all(t in w for t in case.says) for w in warnings), warnings
-        assert client.get_run(result.run_id).data.tags["stop_reason"] == case.expect
+        tags = client.get_run(result.run_id).data.tags
+        assert tags["stop_reason"] == case.expect
+        assert all(tag in tags for tag in case.tags), tags
         if case.skipped is not None:
             assert result.skipped_steps == case.skipped
         if case.fallbacks is not None:
             assert _sum(result.history, "msssim_fallbacks") == case.fallbacks
+        if case.rollbacks is not None:
+            assert result.rollbacks == case.rollbacks
         val = {r: _sum(result.history, f"val_skipped_{r}") for r in REASONS}
         assert val == {r: case.val_skipped.get(r, 0) for r in REASONS}
         assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -338,6 +393,7 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
         row |= {
             "outcome": outcome,
             "skipped": result.skipped_steps,
+            "rollbacks": result.rollbacks,
             "fallbacks": _sum(result.history, "msssim_fallbacks"),
             "val skipped": ",".join(f"{k}={v}" for k, v in val.items() if v) or "-",
         }
@@ -346,7 +402,7 @@ def test_fault_matrix(case: Case, variant, mlflow_store, tmp_path, caplog, fault
     fault_matrix.append(row)
 
 
-_STOPS = ("rollbacks_exhausted", "invalid_epochs", "nonfinite_weights")
+_STOPS = ("rollbacks_exhausted", "invalid_epochs", "nonfinite_weights", "no_valid_validation")
 
 
 def _short(text: str, limit: int = 100) -> str:

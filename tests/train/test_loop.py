@@ -159,6 +159,25 @@ def test_guards_on_skip_the_same_fault(cfg):
     assert _weights_finite(result.last_checkpoint) and _weights_finite(result.best_checkpoint)
 
 
+def test_progress_bar_says_skipped_while_no_step_was_taken(cfg, monkeypatch):
+    """Two steps, both skipped: the bar shows ``loss=skipped``, never a loss of 0."""
+    from deblur_lib.train import loop
+
+    postfixes = []
+
+    class Bar(loop.tqdm):
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs)
+            super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    fault = "nan_loss@step=0,count=2"
+    cfg = replace(cfg, inject_fault=fault, max_steps_per_epoch=2, log_model=False)
+    fit(cfg)
+    assert [p["loss"] for p in postfixes] == ["skipped", "skipped"]
+    assert [p["skipped"] for p in postfixes] == [1, 2]
+
+
 def test_consecutive_faults_roll_back_then_stop_naming_the_module(cfg, caplog):
     cfg = replace(
         cfg,
@@ -191,6 +210,43 @@ def test_invalid_validations_skip_the_scheduler_and_stop(cfg):
     assert "val_psnr" not in history and "val_loss" not in history
     assert [v for _, v in history["val_valid_batches"]] == [0, 0]
     assert _all_finite(history)
+
+
+def test_partial_validation_is_logged_apart_and_never_drives_lr_or_best(cfg, caplog):
+    """Epoch 0: one of two validation batches has a NaN output, so its PSNR averages half the
+    images (before: logged as val_psnr, fed to the scheduler, best.pt from it). Epoch 1: full."""
+    cfg = replace(cfg, batch_size=2, num_epochs=2, max_steps_per_epoch=1, log_model=False)
+    with caplog.at_level(logging.WARNING, logger="deblur_lib.train"):
+        result = fit(replace(cfg, inject_fault="val_nan_output@epoch=0"))
+    assert result.ok and result.best_epoch == 1
+    history = _metrics(cfg, result.run_id)
+    assert [s for s, _ in history["val_psnr"]] == [1]
+    assert [s for s, _ in history["val_psnr_partial"]] == [0]
+    assert [s for s, _ in history["val_ssim_partial"]] == [0]
+    assert [s for s, _ in history["val_loss_partial"]] == [0]
+    assert [v for _, v in history["val_valid_images"]] == [2, 4]
+    assert [v for _, v in history["val_total_images"]] == [4, 4]
+    assert "partial (2/4 images valid; logged as val_*_partial, counted as invalid)" in caplog.text
+    assert "(--max_invalid_epochs 3)" in caplog.text
+    scheduler = load_checkpoint(result.last_checkpoint)["scheduler"]
+    assert scheduler["last_epoch"] == 1  # stepped once: epoch 1's full validation
+    assert load_checkpoint(result.best_checkpoint)["epoch"] == 1
+
+
+def test_a_run_without_a_valid_validation_exits_3_and_registers_nothing(cfg, caplog):
+    argv = _argv(
+        cfg,
+        inject_fault="val_nan_output@epoch=0,batches=all",
+        max_invalid_epochs=2,
+        max_steps_per_epoch=1,
+        registered_model_name="never-registered",
+    )
+    with caplog.at_level(logging.INFO, logger="deblur_lib.train"):
+        assert main(argv) == 3
+    assert "Training stopped (no_valid_validation)" in caplog.text
+    assert "no model was logged or registered as 'never-registered'" in caplog.text
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    assert client.search_model_versions("name='never-registered'") == []
 
 
 def test_resume_auto_continues_the_same_run(cfg):
@@ -302,7 +358,10 @@ def test_stop_reasons_are_documented():
         "rollbacks_exhausted",
         "invalid_epochs",
         "nonfinite_weights",
+        "no_valid_validation",
     }
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(f"`{reason}`" in readme for reason in STOP_REASONS if reason != "completed")
 
 
 @pytest.mark.parametrize("scheduler", ["plateau", "cosine"])

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,14 @@ def _a_file(workdir: Path) -> Path:
     return workdir / "file"
 
 
+def _not_utf8(workdir: Path) -> str:
+    """A folder whose name is not UTF-8 (Latin-1 'café'); before, it passed validation and
+    crashed inside MLflow when the params were logged, leaving the run RUNNING."""
+    folder = os.fsdecode(os.fsencode(workdir) + b"/caf\xe9")
+    os.mkdir(folder)
+    return folder
+
+
 def _not_a_checkpoint(workdir: Path) -> Path:
     (workdir / "junk.pt").write_bytes(b"junk" * 100)
     return workdir / "junk.pt"
@@ -134,8 +144,15 @@ CASES = [
     ("test_data", _blur_only, "empty folder (no PNG/JPEG images)"),
     ("test_data", _tiny_images, "SSIM needs validation images of at least 11 px"),
     ("out_dir", _a_file, "is a file; pass a folder"),
-    ("out_dir", lambda w: _a_file(w) / "out", "is not writable"),
-    ("out_dir", _unwritable, "is not writable; pass another folder"),
+    ("out_dir", lambda w: _a_file(w) / "out", "is a file, not a folder"),
+    ("out_dir", _unwritable, "is not writable"),
+    ("out_dir", "/sys/deblur_out", "/sys is not writable"),  # os.access says yes to root
+    ("out_dir", "", "--out_dir must not be empty"),
+    ("tracking_uri", "bogus://x", "MLflow has no tracking store for the scheme 'bogus'"),
+    ("tracking_uri", lambda w: f"sqlite:///{_unwritable(w)}/m.db", "is not writable"),
+    ("seed", "99999999999999999999", "--seed must be an integer <= 4294967295"),
+    ("num_workers", "100000", "--num_workers 100000 is more than the"),
+    ("train_data", _not_utf8, "is not valid UTF-8"),
     ("resume", lambda w: w / "nope.pt", "--resume"),
     ("resume", _not_a_checkpoint, "not a readable checkpoint"),
     ("registered_model_name", "net", "--registered_model_name needs --log_model true"),
@@ -174,7 +191,8 @@ def test_resume_with_another_architecture(tiny_data, workdir, capsys):
     cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
     fit(cfg)
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", model_size="small")) == 2
+    argv = _argv(tiny_data, workdir, resume="auto", model_size="small", **ONE_STEP)
+    assert main(argv) == 2
     assert "trained with --model_size tiny, not small" in capsys.readouterr().err
     assert _snapshot(workdir) == before  # last.pt, metrics.jsonl and the store untouched
 
@@ -190,7 +208,7 @@ def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
     cfg = TrainConfig(**{**_config(tiny_data, workdir), "max_steps_per_epoch": 1})
     fit(cfg)  # --scheduler plateau, the default
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine", **ONE_STEP)) == 2
     assert "trained with --scheduler plateau, not cosine" in capsys.readouterr().err
     assert _snapshot(workdir) == before
 
@@ -201,20 +219,80 @@ def test_resume_with_another_or_an_older_scheduler(tiny_data, workdir, capsys):
     state["config"]["scheduler"] = "cosine"
     save_checkpoint(last, state)
     before = _snapshot(workdir)
-    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine")) == 2
+    assert main(_argv(tiny_data, workdir, resume="auto", scheduler="cosine", **ONE_STEP)) == 2
     assert "cosine schedule stepped per epoch" in capsys.readouterr().err
     assert _snapshot(workdir) == before
 
 
-def test_undecodable_file_found_while_training_exits_2_naming_it(tiny_data, workdir, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_file_found_while_training_exits_2_naming_it(
+    tiny_data, workdir, capsys, workers
+):
+    """One short line, also from a DataLoader worker (before: torch's re-raise made it the
+    worker's 2,500-character flattened traceback); the MLflow run FAILED, the file named."""
+    from mlflow.tracking import MlflowClient
+
     data = workdir / "data"
     shutil.copytree(tiny_data / "train", data / "train")
     bad = data / "train" / "sharp" / "0005.png"
     bad.write_bytes(bad.read_bytes()[:400])  # the header is fine, the pixels are cut
-    argv = _argv(tiny_data, workdir, train_data=data / "train", log_model="false")
+    argv = _argv(
+        tiny_data, workdir, train_data=data / "train", log_model="false", num_workers=workers
+    )
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(PROG) and "truncated image" in line and str(bad) in line
+    assert "Traceback" not in line and len(line) < 300 + len(str(bad)), line
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("deblur-guard").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "data_error"
+    assert str(bad) in run.data.tags["stop_message"]
+
+
+def _png_header(path: Path, w: int, h: int) -> None:
+    """A PNG that claims w x h px (what a header check reads) with next to no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_huge_validation_image_is_refused_before_training(tiny_data, workdir, capsys, monkeypatch):
+    """Before: an 8000x8000 test pair passed the checks, and the first validation, after a whole
+    epoch, died of an allocation error. Now: exit 2 naming the file and the limit (half of the
+    device's memory, here pinned to 4 GiB so that the test does not depend on the machine)."""
+    from deblur_lib.train import config
+
+    monkeypatch.setattr(config, "device_memory_mb", lambda device: (4096.0, "RAM"))
+    test = workdir / "test"
+    shutil.copytree(tiny_data / "test", test)
+    for side in ("blur", "sharp"):
+        _png_header(test / side / "huge.png", 8000, 8000)
+    before = _snapshot(workdir)
+    assert main(_argv(tiny_data, workdir, test_data=test)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{test / 'sharp' / 'huge.png'} is 8000x8000 px" in line
+    assert "over the limit of 2.0 GiB (50% of the 4.0 GiB of RAM)" in line
+    assert _snapshot(workdir) == before
+
+
+def test_test_data_equal_to_training_data_is_refused(tiny_data, workdir, capsys):
+    """Before: accepted without a word (28 dB of memorisation reported as validation). The same
+    folder, and a copy of the training files, are refused unless --allow_test_in_train."""
+    copy = workdir / "copy"
+    shutil.copytree(tiny_data / "train", copy, ignore=shutil.ignore_patterns("kernels"))
+    before = _snapshot(workdir)
+    for test in (tiny_data / "train", copy):
+        assert main(_argv(tiny_data, workdir, test_data=test)) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--test_data {test}: 8 of 8 test pairs are training pairs" in line
+        assert "--allow_test_in_train true" in line
+    assert _snapshot(workdir) == before
 
 
 def test_the_real_command_exits_2(tiny_data, workdir):
@@ -226,6 +304,9 @@ def test_the_real_command_exits_2(tiny_data, workdir):
         PROG + "--batch_size must be an integer >= 1 (got 0)"
     )
     assert _snapshot(workdir) == before
+
+
+ONE_STEP = {"max_steps_per_epoch": 1}  # as the run being resumed (RESUME_POLICY: same)
 
 
 def _config(tiny_data: Path, workdir: Path) -> dict:

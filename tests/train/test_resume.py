@@ -12,12 +12,15 @@ each kill lost at most the epoch in progress, and MLflow holds one run (the same
 throughout) with every epoch step exactly once.
 
 And a checkpoint corrupted after it was written (a flipped bit in its weights, which torch
-itself loads without a complaint): ``--resume auto`` refuses it by its digest.
+itself loads without a complaint): ``--resume auto`` refuses it by its digest. Then resume
+with other settings (``config.RESUME_POLICY``), ``--resume FILE`` into another ``--out_dir``,
+``--resume auto`` of a finished run, and a damaged ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -35,10 +38,12 @@ from mlflow.tracking import MlflowClient
 
 from deblur_lib.guards import StepGuard
 from deblur_lib.models import build_model
+from deblur_lib.train import fit
 from deblur_lib.train.__main__ import EXIT_USAGE, main
 from deblur_lib.train.checkpoint import Progress, training_state
-from deblur_lib.train.config import TrainConfig
-from deblur_lib.train.loop import build_optimizer, build_scheduler
+from deblur_lib.train.config import RESUME_POLICY, TrainConfig
+from deblur_lib.train.loop import build_optimizer, build_scheduler, cosine_warmup_factor
+from deblur_lib.train.tracking import Tracker
 from deblur_lib.weights import load_checkpoint, save_checkpoint
 
 EPOCHS = 4
@@ -190,6 +195,47 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume(tiny_data, mlflow_stor
         assert sorted(steps) == list(range(EPOCHS)), (key, steps)  # each epoch exactly once
 
 
+@pytest.mark.slow
+def test_sigterm_ends_the_run_like_ctrl_c(tiny_data, mlflow_store, tmp_path, runs):
+    """What a batch scheduler or ``docker stop`` sends. Before: the process died at once and
+    the MLflow run stayed RUNNING forever. Now: exit 143, one line, the run KILLED with
+    stop_reason=terminated, last.pt the last finished epoch's (valid), and --resume goes on."""
+    out_dir = tmp_path / "run"
+    flags = {
+        "train_data": tiny_data / "train",
+        "test_data": tiny_data / "test",
+        "out_dir": out_dir,
+        "tracking_uri": mlflow_store,
+        "experiment": "sigterm-test",
+        "model_size": "tiny",
+        "crop_size": 32,
+        "batch_size": 2,
+        "num_epochs": 3,
+        "max_steps_per_epoch": STEPS,
+        "device": "cpu",
+        "num_workers": 0,
+        "log_model": "false",
+    }
+    argv = [f"--{key}={value}" for key, value in flags.items()]
+    run = Run([sys.executable, HOOKS, "--step_delay", "0.3", "--", *argv])
+    runs.append(run)
+    in_epoch_1 = re.compile(rf"epoch 1:\s+\d+%.*?\|\s*[1-{STEPS - 1}]/{STEPS}")
+    run.wait_for(lambda: in_epoch_1.search(run.err), "a step of epoch 1")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143, run.err
+    assert (
+        run.err.strip()
+        .splitlines()[-1]
+        .startswith("python -m deblur_lib.train: terminated (SIGTERM): MLflow run marked KILLED")
+    )
+    last = _load_all(out_dir)["last.pt"]
+    assert last["epoch"] == 0 and last["stop_reason"] is None  # resumable, not finished
+    mlflow_run = MlflowClient(tracking_uri=mlflow_store).get_run(last["run_id"])
+    assert mlflow_run.info.status == "KILLED"
+    assert mlflow_run.data.tags["stop_reason"] == "terminated"
+    assert "last.pt holds epoch 0" in mlflow_run.data.tags["stop_message"]
+
+
 def test_resume_refuses_a_checkpoint_corrupted_after_it_was_written(tiny_data, tmp_path, capsys):
     """One bit flipped in the middle of last.pt's largest tensor storage: torch.load returns the
     changed weights without a complaint; ``--resume auto`` stops with a usage error naming
@@ -230,3 +276,152 @@ def test_resume_refuses_a_checkpoint_corrupted_after_it_was_written(tiny_data, t
     err = capsys.readouterr().err
     assert f"{path}: not a readable checkpoint (digest mismatch: stored " in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["last.pt"]  # nothing trained, logged
+
+
+# --- resume with other settings, into another folder, of a finished run ----------------------
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and mtime, every folder's name (validation probes folders: their
+    mtime changes, their contents do not)."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
+        for p in root.rglob("*")
+    }
+
+
+@pytest.fixture
+def small(tiny_data, mlflow_store, tmp_path) -> TrainConfig:
+    """One step per epoch, one epoch: the smallest run that trains, validates and checkpoints
+    (the session's MLflow store: creating one costs seconds)."""
+    return TrainConfig(
+        train_data=str(tiny_data / "train"),
+        test_data=str(tiny_data / "test"),
+        out_dir=str(tmp_path / "run"),
+        tracking_uri=mlflow_store,
+        experiment="resume-settings",
+        model_size="tiny",
+        crop_size=32,
+        batch_size=2,
+        num_epochs=1,
+        max_steps_per_epoch=1,
+        learning_rate=1e-3,
+        device="cpu",
+        num_workers=0,
+        log_model=False,
+    )
+
+
+def _cli(cfg: TrainConfig, **overrides) -> list[str]:
+    values = {**cfg.to_dict(), **overrides}
+    return [f"--{k}={v}" for k, v in values.items() if v is not None]
+
+
+def _run(cfg: TrainConfig, run_id: str):
+    return MlflowClient(tracking_uri=cfg.tracking_uri).get_run(run_id)
+
+
+def _steps(cfg: TrainConfig, run_id: str, key: str = "train_loss") -> list[int]:
+    history = MlflowClient(tracking_uri=cfg.tracking_uri).get_metric_history(run_id, key)
+    return sorted(m.step for m in history)
+
+
+def test_every_flag_has_a_resume_policy():
+    assert set(RESUME_POLICY) == {f.name for f in TrainConfig.__dataclass_fields__.values()}
+    assert set(RESUME_POLICY.values()) == {"same", "apply", "free"}
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_resume_applies_lr_and_patience_and_tags_the_change(small, scheduler, caplog):
+    """Before: --learning_rate 0.5 --patience 7 on resume were ignored (the restored optimizer
+    and scheduler kept 1e-3 and 20) while last.pt's config claimed them."""
+    cfg = TrainConfig(**{**small.to_dict(), "scheduler": scheduler})
+    first = fit(cfg)
+    argv = _cli(cfg, resume="auto", num_epochs=2, learning_rate=0.5, patience=7)
+    with caplog.at_level(logging.INFO, logger="deblur_lib.train"):
+        assert main(argv) == 0
+    last = load_checkpoint(Path(cfg.out_dir, "last.pt"))
+    assert last["config"]["learning_rate"] == 0.5 and last["config"]["patience"] == 7
+    lr = last["history"][1]["lr"]
+    if scheduler == "plateau":
+        assert lr == 0.5 and last["scheduler"]["patience"] == 7
+    else:  # the rest of the cosine schedule, on the new base lr (step 2 of 2: the end)
+        assert last["scheduler"]["base_lrs"] == [0.5]
+        assert lr == pytest.approx(0.5 * cosine_warmup_factor(2, 0, 2))
+    tags = _run(cfg, first.run_id).data.tags
+    assert tags["resume_changed.learning_rate"] == "0.001 -> 0.5"
+    assert tags["resume_changed.patience"] == "20 -> 7"
+    assert tags["resume_changed.num_epochs"] == "1 -> 2"
+    assert "--learning_rate changed on resume: 0.001 -> 0.5 (applied)" in caplog.text
+
+
+REFUSED = {"batch_size": 4, "seed": 1, "alpha": 0.5, "max_steps_per_epoch": 2, "num_epochs": 1}
+
+
+def test_resume_refuses_a_change_that_makes_another_experiment(small, capsys):
+    """Each refusal: exit 2, one line naming the flag, nothing written, the run untouched."""
+    first = fit(TrainConfig(**{**small.to_dict(), "num_epochs": 2}))
+    before = _snapshot(Path(small.out_dir).parent)
+    for flag, value in REFUSED.items():
+        assert main(_cli(small, resume="auto", **{"num_epochs": 3, flag: value})) == EXIT_USAGE
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        if flag == "num_epochs":
+            assert "2 epochs are done already; pass --num_epochs 2 or more" in line
+        else:
+            assert f"it was trained with --{flag} {getattr(small, flag)}, not {value}" in line
+        assert _snapshot(Path(small.out_dir).parent) == before
+    assert _run(small, first.run_id).info.status == "FINISHED"
+
+
+def test_resume_file_into_another_out_dir_never_logs_a_step_twice(small, monkeypatch, caplog):
+    """Before: epoch 1 was logged again into the original run ("checkpointed but not logged
+    before the crash: logged now", which was false): two points at step 1."""
+    first = fit(TrainConfig(**{**small.to_dict(), "num_epochs": 2}))
+    elsewhere = str(Path(small.out_dir).parent / "elsewhere")
+    resume = str(first.last_checkpoint)
+    with caplog.at_level(logging.INFO, logger="deblur_lib.train"):
+        second = fit(TrainConfig(**{**small.to_dict(), "num_epochs": 3, "out_dir": elsewhere,
+                                    "resume": resume}))  # fmt: skip
+    assert second.run_id == first.run_id and second.best_checkpoint.parent.name == "elsewhere"
+    assert _steps(small, first.run_id) == [0, 1, 2]
+    assert "checkpointed but" not in caplog.text
+    assert _run(small, first.run_id).data.tags["resume_changed.out_dir"].endswith("elsewhere")
+    # the tracking store cannot say: metrics.jsonl beside the checkpoint does
+    monkeypatch.setattr(Tracker, "logged_steps", lambda self: None)
+    third = str(Path(small.out_dir).parent / "third")
+    fit(TrainConfig(**{**small.to_dict(), "num_epochs": 4, "out_dir": third,
+                       "resume": str(Path(elsewhere, "last.pt"))}))  # fmt: skip
+    assert _steps(small, first.run_id) == [0, 1, 2, 3]
+
+
+def test_resume_auto_of_a_finished_run_is_a_no_op(small, caplog):
+    """Before: it logged the model again (a second registry version from one run)."""
+    name = "resumed-once"
+    cfg = TrainConfig(**{**small.to_dict(), "log_model": True, "registered_model_name": name})
+    first = fit(cfg)
+    assert load_checkpoint(first.last_checkpoint)["stop_reason"] == "completed"
+    before = _snapshot(Path(cfg.out_dir).parent)
+    with caplog.at_level(logging.INFO, logger="deblur_lib.train"):
+        assert main(_cli(cfg, resume="auto")) == 0
+    assert "the run finished all 1 epochs" in caplog.text and "nothing to do" in caplog.text
+    assert _snapshot(Path(cfg.out_dir).parent) == before  # no checkpoint, metric or store write
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+
+def test_resume_drops_a_torn_metrics_line_and_refuses_other_damage(small, capsys, caplog):
+    """Before: JSONDecodeError traceback, and the finished run flipped back to RUNNING."""
+    first = fit(small)
+    jsonl = Path(small.out_dir, "metrics.jsonl")
+    whole = jsonl.read_text()
+    jsonl.write_text("{not json}\n" + whole)  # damage that is not a crash's torn line
+    before = _snapshot(Path(small.out_dir).parent)
+    assert main(_cli(small, resume="auto", num_epochs=2)) == EXIT_USAGE
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metrics.jsonl: line 1 of 2 is damaged" in line
+    assert _snapshot(Path(small.out_dir).parent) == before
+    assert _run(small, first.run_id).info.status == "FINISHED"
+
+    jsonl.write_text(whole + '{"step": 1, "ti')  # what a crash mid-write leaves
+    with caplog.at_level(logging.WARNING, logger="deblur_lib.train"):
+        assert main(_cli(small, resume="auto", num_epochs=2)) == 0
+    assert "dropped a torn last line" in caplog.text
+    assert _jsonl_steps(Path(small.out_dir)) == [0, 1]

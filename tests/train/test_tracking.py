@@ -94,6 +94,7 @@ def _connection_error(*args, **kwargs):
         ("val_ssim", 0.0, "sentinel 0.0"),
         ("test_psnr_db", 0.0, "sentinel 0.0"),
         ("val_PSNR", 0.0, "sentinel 0.0"),
+        ("val_psnr_partial", 0.0, "sentinel 0.0"),
         ("msssim_fallbacks", 0.0, None),  # a counter, not a quality metric
         ("skipped_steps", 0.0, None),
         ("train_loss", 0.0, None),
