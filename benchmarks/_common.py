@@ -314,6 +314,7 @@ def step_harness(
         scheduler=None,
         guarded=guarded,
         bf16=amp == "bf16",
+        ema=None,  # no weight average: the step alone
         last_batch=None,
         acc=torch.zeros(3, dtype=torch.float64, device=device),
     )
