@@ -22,15 +22,21 @@ from matplotlib.figure import Figure
 
 from deblur_lib.data import PairedImageFolder
 from deblur_lib.models import DEFAULT_MODEL, DeblurNet, shipped_models
-from deblur_lib.notebook.runs import find_run, run_history
+from deblur_lib.notebook.runs import RUN_NAMES, find_run, run_history
 from deblur_lib.predict import deblur
 from deblur_lib.train.figures import SEED_GRAPHS, figure_png, image_grid, plot_curves
 
 MAX_BYTES = 300 * 1024
 EXPERIMENT = "deblur-guard-notebooks"  # where notebooks 01-04 log
 PATHS = {  # row title -> (guards-off run of notebook 01, guarded run of notebook 04)
-    "NaN path: one NaN pixel in a training batch": ("01_nan_path", "04_nan_path"),
-    "metric path: validation metric code raises": ("01_metric_path", "04_metric_path"),
+    "NaN path: one NaN pixel in a training batch": (
+        RUN_NAMES["01_nan_path"],
+        RUN_NAMES["04_nan_path"],
+    ),
+    "metric path: validation metric code raises": (
+        RUN_NAMES["01_metric_path"],
+        RUN_NAMES["04_metric_path"],
+    ),
 }
 
 

@@ -165,3 +165,21 @@ def guarded_ok(history: History) -> tuple[bool, str]:
         f"{[(c['epoch'], c['cause']) for c in cuts] or 'none'}"
     )
     return not sum(bad.values()) and not wrong, why
+
+
+RUN_NAMES = {  # what the notebooks name their MLflow runs (the MLflow UI's list)
+    "01_nan_path": "01 NaN path, guards off",
+    "01_metric_path": "01 metric path, guards off",
+    "04_nan_path": "04 NaN path, guards on",
+    "04_metric_path": "04 metric path, guards on",
+    "04_persistent_nan": "04 persistent NaN, guards on",
+    "05_train": "05 demo training",
+}
+
+
+def tag_run(run_id: str, tracking_uri: str | None, notebook: str, verdict: str) -> None:
+    """Tag an MLflow run with the notebook that made it and that notebook's verdict line about
+    it (``notebook``, ``verdict``: searchable and shown in the MLflow UI)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "notebook", notebook)
+    client.set_tag(run_id, "verdict", verdict[:5000])

@@ -99,6 +99,10 @@ class TrainConfig:
     out_dir: str = _opt("runs/train", "checkpoints (last.pt, best.pt) and metrics.jsonl")
     resume: str | None = _opt(None, "'auto' (OUT_DIR/last.pt if present) or a checkpoint path")
     experiment: str = _opt("deblur-guard", "MLflow experiment name")
+    run_name: str | None = _opt(None, "MLflow run name (None: the out_dir folder's name)")
+    system_metrics: bool = _opt(
+        True, "log CPU/memory (and GPU) use to the MLflow run every 10 s (system/... metrics)"
+    )
     tracking_uri: str | None = _opt(None, "MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
     tracking_retry_s: float = _opt(30.0, "while the tracking server is down, retry every N s")
     guards: str = _opt("on", "off reproduces the original unguarded loop", ("on", "off"))
@@ -178,6 +182,8 @@ RESUME_POLICY = {
     "out_dir": "apply",
     "resume": "free",
     "experiment": "same",
+    "run_name": "apply",  # the MLflow run is renamed
+    "system_metrics": "apply",
     "tracking_uri": "same",
     "tracking_retry_s": "apply",
     "guards": "same",

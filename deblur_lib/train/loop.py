@@ -627,6 +627,7 @@ class Trainer:
                     self.loaders.example,
                     train_crop_size=cfg.crop_size,
                     preset=cfg.model_size if cfg.model_width is None else None,
+                    description=self._model_card(),
                 )
         self._record_stop(reason)
         self.tracker.end("FINISHED" if reason == "completed" else "FAILED")
@@ -661,6 +662,28 @@ class Trainer:
             state = load_checkpoint(self.last_path)
             save_checkpoint(self.last_path, state | {"stop_reason": reason})
         distributed.barrier()
+
+    def _model_card(self) -> str:
+        """What the registered version's description says: the data, the training and the
+        best validation (Markdown; MLflow's UI shows it on the version's page)."""
+        cfg, p = self.cfg, self.progress
+        best = p.history[p.best_epoch] if p.best_epoch is not None else {}
+        data = "generated pairs (synth.SyntheticPairs)" if cfg.train_data == SYNTHETIC else (
+            f"`{cfg.train_data}`"
+        )  # fmt: skip
+        return (
+            f"DeblurNet `{cfg.model_size}`"
+            f"{f' width {cfg.model_width}' if cfg.model_width else ''}, deblur-guard.\n\n"
+            f"- data: {data}, {cfg.crop_size} px crops; validation `{cfg.test_data}`\n"
+            f"- training: {p.step} steps of batch {cfg.batch_size} ({p.epoch + 1} epochs), "
+            f"lr {cfg.learning_rate} {cfg.scheduler}, loss {cfg.alpha} (1 - MS-SSIM) + "
+            f"{cfg.beta} Charbonnier{f', EMA {cfg.ema}' if cfg.ema else ''}; "
+            f"{best.get('skipped_steps', 0)} skipped steps, {p.rollbacks} rollbacks\n"
+            f"- best validation (epoch {p.best_epoch}): PSNR {p.best_psnr:.2f} dB, "
+            f"SSIM {best.get('val_ssim', float('nan')):.4f}\n"
+            f"- weights-only (config.json + weights.pt, SHA-256 checked): "
+            f"`deblur_lib.weights.load_model('models:/{cfg.registered_model_name}/<version>')`"
+        )
 
     def _log_figures(self) -> None:
         """Rank 0: the curves PNG and blur/restored/sharp triplets of the first test images (the

@@ -61,6 +61,7 @@ SENTINELS = (999.0, -999.0)
 QUALITY_METRIC = re.compile(r"(psnr|ssim)(_db|_mean|_y|_partial)?$", re.IGNORECASE)
 RESERVED_KEYS = ("step", "time", "dropped", "invalid")
 _PARAM_MAX = 6000
+SYSTEM_METRICS_INTERVAL_S = 10.0  # s between samples of CPU/memory/GPU use (system_metrics=True)
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -184,6 +185,7 @@ class Tracker:
     ``enabled=False``: jsonl only, mlflow is never imported. ``write_jsonl=None``: write it
     unless this is a DDP rank other than 0. ``artifact_location``: for a new experiment
     (default: ``mlruns/`` next to a sqlite database, else MLflow's default).
+    ``system_metrics``: sample CPU/memory (and GPU) use into the run while it is open.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class Tracker:
         artifact_location: str | Path | None = None,
         retry_interval_s: float = 30.0,
         write_jsonl: bool | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.experiment = experiment
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -204,6 +207,7 @@ class Tracker:
         self.enabled = enabled
         self.artifact_location = artifact_location
         self.retry_interval_s = retry_interval_s
+        self.system_metrics, self._monitor = system_metrics, None
         self.write_jsonl = _default_write_jsonl() if write_jsonl is None else write_jsonl
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -243,7 +247,26 @@ class Tracker:
         self._submit("start", (run_name, run_id))
         if params:
             self.log_params(params)
+        if self.system_metrics and self.run_id:
+            self._start_system_metrics()
         return self.run_id or ""
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own sampler of CPU, memory, disk and network use (GPU too, through
+        nvidia-ml-py, where there is one), every ``SYSTEM_METRICS_INTERVAL_S``, logged to this
+        run as ``system/...`` metrics by a background thread until ``end``."""
+        from mlflow.system_metrics.system_metrics_monitor import (  # heavy: on first use
+            SystemMetricsMonitor,
+        )
+
+        with _quiet("mlflow.system_metrics.system_metrics_monitor", "Started monitoring"):
+            self._monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                resume_logging=True,
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
 
     def log_metrics(
         self, metrics: Mapping[str, float | None], step: int, *, raw: bool = False
@@ -369,6 +392,10 @@ class Tracker:
         """Mark the run terminated (FINISHED, FAILED or KILLED) after one last replay."""
         if not self.enabled or self._client is None:
             return
+        if self._monitor is not None:
+            with _quiet("mlflow.system_metrics.system_metrics_monitor", "Stopping system"):
+                self._monitor.finish()
+            self._monitor = None
         self._submit("end", status)
         if self.offline:
             self._retry(force=True)
@@ -486,7 +513,7 @@ class Tracker:
                     raise
                 log.warning("MLflow run %s not found in %s: starting a new run", run_id, exc)
             else:
-                client.update_run(run_id, status="RUNNING")
+                client.update_run(run_id, status="RUNNING", name=run_name)
                 self.run_id, self.experiment_id = run_id, run.info.experiment_id
                 self._run_params = dict(run.data.params)
                 return

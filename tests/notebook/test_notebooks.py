@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
+from deblur_lib.notebook.runs import RUN_NAMES
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 NAMES = [
@@ -194,7 +196,9 @@ def test_01_logged_nan_and_zero_and_the_lr_was_cut(smoke):
     from deblur_lib.notebook.runs import lr_cuts, reproduces_failure
 
     for name, bad in (("01_nan_path", "nan"), ("01_metric_path", "zero")):
-        run, history = _run(smoke, name)
+        run, history = _run(smoke, RUN_NAMES[name])
+        assert run.data.tags["notebook"] == "01_reproduce_failure"
+        assert run.data.tags["verdict"].startswith("Verdict (")
         assert run.data.tags["guards"] == "off"
         ok, why = reproduces_failure(history)
         assert ok, f"{name}: {why}"
@@ -225,16 +229,16 @@ def test_04_never_logged_an_invalid_value_nor_cut_the_lr_on_one(smoke):
     from deblur_lib.notebook.runs import guarded_ok, invalid_logged
 
     for name in ("04_nan_path", "04_metric_path"):
-        run, history = _run(smoke, name)
+        run, history = _run(smoke, RUN_NAMES[name])
         assert run.data.tags["guards"] == "on"
         ok, why = guarded_ok(history)
         assert ok, f"{name}: {why}"
         assert not any(invalid_logged(history).values())
-    run, history = _run(smoke, "04_nan_path")
+    run, history = _run(smoke, RUN_NAMES["04_nan_path"])
     assert history["skipped_steps"][1][-1] >= 1
-    run, _ = _run(smoke, "04_metric_path")
+    run, _ = _run(smoke, RUN_NAMES["04_metric_path"])
     assert run.data.tags["stop_reason"] == "invalid_epochs"
-    run, history = _run(smoke, "04_persistent_nan")
+    run, history = _run(smoke, RUN_NAMES["04_persistent_nan"])
     assert run.data.tags["stop_reason"] == "rollbacks_exhausted"
     assert "non-finite" in run.data.tags["stop_message"]
     assert guarded_ok(history)[0]
@@ -247,7 +251,8 @@ def test_05_registered_a_model_and_logged_only_real_values(smoke):
 
     from deblur_lib.notebook.runs import invalid_logged
 
-    run, history = _run(smoke, "05_train", experiment="deblur-guard")
+    run, history = _run(smoke, RUN_NAMES["05_train"], experiment="deblur-guard")
+    assert run.data.tags["verdict"].startswith("Verdict: holds")
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
     assert not any(invalid_logged(history).values())
     versions = MlflowClient(smoke.uri).search_model_versions("name='deblur-guard'")

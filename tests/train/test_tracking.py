@@ -326,6 +326,18 @@ def test_log_model_registers_weights_only_and_loads_back(tracker, store, monkeyp
     assert logged.experiment_id == client.get_run(run_id).info.experiment_id
 
 
+def test_system_metrics_are_sampled_into_the_run_until_it_ends(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_INTERVAL_S", 0.2)
+    tracker = Tracker("sysmetrics", store, tmp_path, system_metrics=True)
+    run_id = tracker.start(run_name="sys")
+    time.sleep(1.5)
+    tracker.end()
+    metrics = _client(store).get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert "system/system_memory_usage_megabytes" in metrics
+    assert tracker._monitor is None  # stopped with the run
+
+
 # --- outages ---------------------------------------------------------------------------------
 
 
