@@ -99,7 +99,7 @@ def test_exif_orientation_is_applied_everywhere(tmp_path: Path, orientation: int
     the header check, the full check, the loaded pixels and predict's reader all see the
     image upright (before: 5-8 were a false size mismatch, 2-4 silently misaligned pairs)."""
     from deblur_lib.data import image_sizes
-    from deblur_lib.predict import read_image
+    from deblur_lib.predict.__main__ import read_image
 
     upright = _rgb(20, 30)
     blur = _save_oriented(tmp_path / "blur" / "a.png", upright, orientation)

@@ -25,12 +25,13 @@ from deblur_lib.predict import (
     aligned_scores,
     deblur,
     estimate_memory_mb,
-    main,
     plan_tiling,
     tile_starts,
     tile_windows,
     with_local_statistics,
 )
+from deblur_lib.predict import __main__ as cli
+from deblur_lib.predict.__main__ import main
 from deblur_lib.weights import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -437,7 +438,7 @@ def test_cli_metrics_csv_and_align_shift(identity_ckpt, tmp_path, capsys):
     assert lines[1].startswith("mean over 2 images: psnr ")
     with open(tmp_path / "out" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0]) == predict.CSV_COLUMNS
+    assert tuple(rows[0]) == cli.CSV_COLUMNS
     a = next(r for r in rows if r["name"] == "a.png")
     assert (a["shift_y"], a["shift_x"], a["blurred_shift_y"], a["blurred_shift_x"]) == (
         "1",
