@@ -212,6 +212,7 @@ class Trainer:
             cfg.out_dir,
             enabled=ctx.is_main,
             retry_interval_s=cfg.tracking_retry_s,
+            system_metrics=cfg.system_metrics,
         )
         self.last_batch: torch.Tensor | None = None  # rerun under NanDetector before a stop
         self.resumed_from: Path | None = None  # the checkpoint, when resumed
@@ -226,7 +227,8 @@ class Trainer:
         reason, message = "completed", ""
         try:
             params = None if resumed else cfg.to_dict()  # params are logged once per run
-            p.run_id = self.tracker.start(Path(cfg.out_dir).name, params, p.run_id) or p.run_id
+            name = cfg.run_name or Path(cfg.out_dir).name
+            p.run_id = self.tracker.start(name, params, p.run_id) or p.run_id
             self.tracker.set_tags({"guards": cfg.guards})
             if cfg.allow_test_in_train and cfg.train_data != SYNTHETIC:
                 self._warn_test_in_train()
