@@ -463,6 +463,29 @@ def test_compile_trains_the_same_weights_it_checkpoints(cfg):
     assert saved["ending.weight"].abs().sum() > 0  # zero at init: the steps changed it
 
 
+@pytest.mark.slow
+def test_guards_hold_under_compile_skip_rollback_and_resume(cfg):
+    """Under --compile (with --ema): a NaN step is skipped without a host sync in the
+    compiled forward's place, persistent NaN steps roll back to last.pt with the lr halved,
+    and --resume auto continues the run to the end with finite weights."""
+    cfg = replace(
+        cfg, compile=True, ema=0.9, num_epochs=3, max_steps_per_epoch=2, log_model=False,
+        max_bad_steps=1, max_rollbacks=2, inject_fault="nan_loss@step=1;nan_output@step=2,count=2",
+    )  # fmt: skip
+    first = replace(cfg, num_epochs=2)
+    result = fit(first)
+    assert result.ok and result.skipped_steps == 3 and result.rollbacks == 1
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[1] == pytest.approx(lrs[0] / 2)  # the rollback halved it
+    resumed = fit(replace(cfg, resume="auto"))
+    assert resumed.ok and resumed.epochs_completed == 3 and resumed.global_step == 6
+    state = load_checkpoint(resumed.last_checkpoint)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    # the rollback restored the average with the weights (epoch 0: 2 updates), then 3 more
+    # steps before the resume and 2 after it (3 epochs of 2 steps, the rolled-back one lost)
+    assert state["ema"]["updates"] == 5
+
+
 # --- what fit trains with -------------------------------------------------------------------
 def test_build_loaders_reports_a_range_problem(tiny_data, tmp_path):
     dark = tmp_path / "dark"
