@@ -36,7 +36,7 @@ SCRIPTS = {
         [],
         {"config", "step_time", "ratio_vs_unguarded", "host_syncs_per_step", "target"},
     ),
-    "throughput": (["--no_compile"], {"config", "variants", "target"}),
+    "throughput": (["--no_compile"], {"config", "variants", "default", "target"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
     "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
