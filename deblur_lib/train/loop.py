@@ -583,21 +583,7 @@ class Trainer:
         )
         if self.ctx.is_main:
             log.info(line)
-        return TrainResult(
-            stop_reason="completed",
-            message=line,
-            epochs_completed=p.epoch + 1,
-            global_step=p.step,
-            best_psnr=p.best_psnr if best else math.nan,
-            best_epoch=p.best_epoch,
-            best_checkpoint=best,
-            last_checkpoint=self.resumed_from,
-            run_id=p.run_id,
-            skipped_steps=self.guard.read()["skipped_total"],
-            rollbacks=p.rollbacks,
-            history=p.history,
-            model=self.final.eval(),
-        )
+        return self._result("completed", line, best, self.resumed_from, p.run_id)
 
     # --- the end ------------------------------------------------------------------------------
     def _finish(self, reason: str, message: str) -> TrainResult:
@@ -615,7 +601,6 @@ class Trainer:
             line = f"Training finished: {p.epoch + 1} epochs; best val_psnr {psnr}"
         else:
             line = f"Training stopped ({reason}): {message}"
-        counts = self.guard.read()
         if best is not None:  # the best weights: the average's with --ema
             ck = load_checkpoint(best, self.device)
             self.final.load_state_dict(ck["ema"]["model"] if self.ema else ck["model"])
@@ -639,6 +624,13 @@ class Trainer:
                 name = f" as {cfg.registered_model_name!r}" if cfg.registered_model_name else ""
                 log.warning("no valid validation, no best checkpoint: no model was logged or "
                             "registered%s", name)  # fmt: skip
+        last = self.last_path if self.last_path.is_file() else None
+        return self._result(reason, line, best, last, self.tracker.run_id or p.run_id)
+
+    def _result(
+        self, reason: str, line: str, best: Path | None, last: Path | None, run_id: str | None
+    ) -> TrainResult:
+        p = self.progress
         return TrainResult(
             stop_reason=reason,
             message=line,
@@ -647,9 +639,9 @@ class Trainer:
             best_psnr=p.best_psnr if best else math.nan,
             best_epoch=p.best_epoch,
             best_checkpoint=best,
-            last_checkpoint=self.last_path if self.last_path.is_file() else None,
-            run_id=self.tracker.run_id or p.run_id,
-            skipped_steps=counts["skipped_total"],
+            last_checkpoint=last,
+            run_id=run_id,
+            skipped_steps=self.guard.read()["skipped_total"],
             rollbacks=p.rollbacks,
             history=p.history,
             model=self.final.eval(),
