@@ -41,6 +41,7 @@ SCRIPTS = {
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
     "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
     "shared_cpu": ([], {"config", "idle_step_s", "busy_step_s", "busy_over_idle", "target"}),
+    "tiling": ([], {"config", "global_pooling", "tlc", "per_image"}),
 }
 
 
