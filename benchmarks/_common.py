@@ -274,7 +274,7 @@ def step_harness(
     seed: int = 0,
 ) -> Any:
     """An object carrying what ``deblur_lib.train.loop.Trainer._train_step`` reads (``cfg``,
-    ``net``, ``model``, ``optimizer`` (fused AdamW, ``loop.build_optimizer``), ``loss_fn``
+    ``net``, ``model``, ``optimizer`` (fused AdamW, ``build.build_optimizer``), ``loss_fn``
     (``CombinedLoss``), ``guard``, no per-step scheduler, ...), so that
     :func:`train_step` runs the loop's own step code. Same ``seed`` -> same initial weights.
 
@@ -286,7 +286,7 @@ def step_harness(
 
     from deblur_lib.guards import StepGuard
     from deblur_lib.losses import CombinedLoss
-    from deblur_lib.train import loop
+    from deblur_lib.train import build
     from deblur_lib.train.config import TrainConfig
     from deblur_lib.train.distributed import DistContext
 
@@ -300,14 +300,14 @@ def step_harness(
         device=device.type,
     )
     torch.manual_seed(seed)
-    model, net = loop.build_net(cfg, DistContext(), device)
+    model, net = build.build_net(cfg, DistContext(), device)
     return SimpleNamespace(
         cfg=cfg,
         device=device,
         ctx=DistContext(),
         model=model,
         net=net,
-        optimizer=loop.build_optimizer(model, cfg, device),
+        optimizer=build.build_optimizer(model, cfg, device),
         loss_fn=CombinedLoss(cfg.alpha, cfg.beta),
         guard=StepGuard(device),
         per_step_schedule=False,  # constant lr: no scheduler stepping inside the step

@@ -33,8 +33,8 @@ import torch
 
 from deblur_lib.data import FreshKeys, GlobalBatchSampler, PairedImageFolder, make_loader
 from deblur_lib.synth import SyntheticPairs, synthesize
+from deblur_lib.train.build import configure_backends
 from deblur_lib.train.config import TrainConfig
-from deblur_lib.train.loop import configure_backends
 
 
 def loader_rate(root: Path, args, dev: torch.device, cache: bool) -> dict:

@@ -33,7 +33,7 @@ import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
 from deblur_lib.guards import all_ranks_ok, grad_norm_and_finite, masked_step
-from deblur_lib.train.loop import configure_backends
+from deblur_lib.train.build import configure_backends
 
 VARIANTS = ("unguarded", "guarded", "seed_style")
 
@@ -185,7 +185,7 @@ def run(args) -> dict:
             "crop": args.crop,
             "amp": args.amp,
             "channels_last": args.channels_last,
-            "optimizer": "AdamW(fused=True) via deblur_lib.train.loop.build_optimizer",
+            "optimizer": "AdamW(fused=True) via deblur_lib.train.build.build_optimizer",
             "criterion": "deblur_lib.losses.CombinedLoss (all variants)",
             "grad_clip": 1.0,
             "warmup_rounds": args.warmup,

@@ -33,7 +33,7 @@ import torch
 
 from deblur_lib.models import build_model
 from deblur_lib.predict import deblur, plan_tiling
-from deblur_lib.train.loop import configure_backends
+from deblur_lib.train.build import configure_backends
 
 
 def _glibc_return_large_blocks() -> bool:

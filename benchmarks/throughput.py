@@ -36,7 +36,7 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.train.loop import configure_backends, use_bf16
+from deblur_lib.train.build import configure_backends, use_bf16
 
 EAGER = {
     "fp32": ("off", False),

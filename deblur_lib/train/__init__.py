@@ -2,6 +2,8 @@
 
 ``fit(TrainConfig(...))`` from Python, ``python -m deblur_lib.train --help`` from a shell.
 Modules: ``config`` (TrainConfig and its checks), ``loop`` (fit: the one training loop),
+``build`` (what fit trains with), ``threads`` (CPU threads on a shared machine), ``ema`` (the
+weight average), ``export`` (ship a checkpoint with its model card),
 ``checkpoint`` (training state and the run folder), ``tracking`` (MLflow that never logs a
 non-finite metric), ``distributed`` (torchrun/DDP plumbing), ``faults`` (deterministic fault
 injection that wraps what the loop calls), ``legacy`` (the seed's original loss, metrics and

@@ -28,11 +28,9 @@ nodes ``out_dir`` must be on a shared filesystem. ``--inject_fault`` wraps what 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
-import random
 import shutil
 import signal
 import threading
@@ -40,22 +38,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from deblur_lib.data import (
     DatasetError,
-    FreshKeys,
-    GlobalBatchSampler,
-    KeyedCrops,
     PairedImageFolder,
-    data_range_problem,
-    image_sizes,
-    make_loader,
 )
 from deblur_lib.evaluate import evaluate, image_metrics
 from deblur_lib.guards import (
@@ -66,9 +55,16 @@ from deblur_lib.guards import (
     masked_step,
 )
 from deblur_lib.losses import CombinedLoss
-from deblur_lib.models import build_model
-from deblur_lib.synth import SyntheticPairs
 from deblur_lib.train import distributed, faults, figures, legacy
+from deblur_lib.train.build import (
+    build_loaders,
+    build_net,
+    build_optimizer,
+    build_scheduler,
+    configure_backends,
+    seed_all,
+    use_bf16,
+)
 from deblur_lib.train.checkpoint import (
     Progress,
     archive_previous_run,
@@ -691,131 +687,3 @@ class Trainer:
         triplets = figures.triplets_png(self.final, pairs, folder / "triplets.png", self.device)
         for path in (curves, triplets):
             self.tracker.log_artifact(path, "figures")
-
-
-# --- what fit trains with, built from a TrainConfig -------------------------------------------
-def configure_backends(device: torch.device) -> None:
-    """What training sets on CUDA (the benchmarks call it too, to time the same kernels): TF32
-    matmuls and convolutions, and cuDNN autotuning (training crops have one fixed size).
-    Nothing on other devices."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
-def use_bf16(amp: str, device: torch.device) -> bool:
-    """``--amp``: ``bf16`` or ``off`` as given; ``auto`` is bf16 where the device computes it
-    natively (CUDA with bf16 support; a CPU oneDNN runs bf16 on: AVX512 or AMX), else off.
-    Measured on this project's AVX2 CPU: emulated bf16 made a training step 0.15x as fast."""
-    if amp != "auto":
-        return amp == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Loaders:
-    """``train``: random crops + flips of the training folder, or generated pairs (``--train_data
-    synthetic``), this rank's slice of each global batch (``sampler``, see
-    ``data.GlobalBatchSampler``). ``test``: full-size images, this rank's slice (no
-    padding, so no duplicates). ``example``: the first test pair (blur, sharp), each
-    (1, 3, H, W) model space (MLflow input example, range check). ``range_warnings``: what
-    ``data.data_range_problem`` found on the first full-size pair of each set."""
-
-    train: DataLoader
-    test: DataLoader
-    sampler: GlobalBatchSampler
-    example: torch.Tensor
-    example_sharp: torch.Tensor
-    range_warnings: list[str] = field(default_factory=list)
-
-
-def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device) -> Loaders:
-    if cfg.batch_size % ctx.world_size:
-        raise ValueError(
-            f"--batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} DDP "
-            "processes (it is the global batch)"
-        )
-    bs = cfg.batch_size // ctx.world_size
-    if cfg.train_data == SYNTHETIC:  # endless: sample number epoch * per_epoch + position
-        train_ds = SyntheticPairs(cfg.crop_size, cfg.epoch_size, cfg.seed)
-        sampler = GlobalBatchSampler(cfg.epoch_size, cfg.batch_size, ctx.rank, ctx.world_size)
-        keyed = FreshKeys(train_ds, sampler.steps() * cfg.batch_size)
-        first_train = train_ds[0]
-    else:
-        train_ds = PairedImageFolder(cfg.train_data, crop_size=cfg.crop_size, augment=True)
-        n = len(train_ds)
-        sampler = GlobalBatchSampler(n, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
-        keyed = KeyedCrops(train_ds, cfg.seed)
-        first_train = PairedImageFolder(cfg.train_data)[0]
-    test_ds = PairedImageFolder(cfg.test_data)
-    common = {"device": device, "num_workers": cfg.num_workers, "seed": cfg.seed}
-    train = make_loader(keyed, bs, shuffle=False, sampler=sampler, **common)
-    shard = Subset(test_ds, range(ctx.rank, len(test_ds), ctx.world_size))
-    eval_bs = bs if len(set(image_sizes(test_ds))) == 1 else 1  # mixed sizes cannot be batched
-    test = make_loader(shard, eval_bs, shuffle=False, **common)
-    blur, sharp = test_ds[0]
-    firsts = (("train_data", first_train), ("test_data", (blur, sharp)))
-    warnings = [
-        f"--{flag} {getattr(cfg, flag)}: {problem}"
-        for flag, pair in firsts
-        if (problem := data_range_problem(*pair))
-    ]
-    return Loaders(train, test, sampler, blur[None], sharp[None], warnings)
-
-
-def build_net(
-    cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device
-) -> tuple[nn.Module, nn.Module]:
-    """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
-    wrapper under torchrun, else the model itself; ``torch.compile``d with ``cfg.compile``).
-    Evaluate, checkpoint and diagnose ``model``."""
-    model = build_model(cfg.model_size, cfg.model_width).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if ctx.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:  # shares model's parameters; evaluation and checkpoints use model
-        net = torch.compile(net)
-    return model, net
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW, fused on CPU and CUDA: one kernel per step, and it honours ``found_inf`` (the
-    sync-free skip of ``guards.masked_step``)."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=fused)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """``plateau``: ReduceLROnPlateau(mode="max") on validation PSNR, stepped only with a
-    valid PSNR (guards on). ``cosine``: stepped after every training step; linear warm-up
-    from ``lr / warmup_steps`` to ``lr`` over ``cfg.warmup_steps`` steps, then a half cosine
-    to 0 at the last of ``num_epochs * steps_per_epoch`` steps (``cosine_warmup_factor``)."""
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", patience=cfg.patience
-        )
-    total = cfg.num_epochs * steps_per_epoch
-    factor = functools.partial(cosine_warmup_factor, warmup=cfg.warmup_steps, total=total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def cosine_warmup_factor(step: int, warmup: int, total: int) -> float:
-    """LR multiplier at 0-based ``step``: (step + 1) / warmup during the warm-up, then
-    0.5 * (1 + cos(pi * t)) with t going from 0 to 1 over the remaining steps; in (0, 1]
-    before ``total``, 0 from ``total`` on."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * t))

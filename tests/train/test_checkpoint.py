@@ -20,6 +20,7 @@ from torch import nn
 
 from deblur_lib.guards import StepGuard
 from deblur_lib.models import build_model
+from deblur_lib.train.build import build_scheduler
 from deblur_lib.train.checkpoint import (
     Progress,
     remove_stale_temp_files,
@@ -28,7 +29,6 @@ from deblur_lib.train.checkpoint import (
     training_state,
 )
 from deblur_lib.train.config import TrainConfig
-from deblur_lib.train.loop import build_scheduler
 from deblur_lib.weights import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, state_digest
 
 

@@ -22,9 +22,9 @@ from deblur_lib.data import synthesize
 from deblur_lib.models import build_model
 from deblur_lib.train import STOP_REASONS, fit
 from deblur_lib.train.__main__ import main
+from deblur_lib.train.build import build_loaders, configure_backends
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.distributed import DistContext
-from deblur_lib.train.loop import build_loaders, configure_backends
 from deblur_lib.weights import load_checkpoint
 
 torch.set_num_threads(2)
@@ -398,7 +398,7 @@ def test_training_steps_never_sync_with_the_device(cfg, monkeypatch, scheduler):
 
 def _cosine_lrs(cfg: TrainConfig, steps_per_epoch: int, halvings: int = 0) -> list[float]:
     """The lr each epoch should end with: the warm-up/cosine factor after its last step."""
-    from deblur_lib.train.loop import cosine_warmup_factor
+    from deblur_lib.train.build import cosine_warmup_factor
 
     total = cfg.num_epochs * steps_per_epoch
     return [

@@ -40,9 +40,9 @@ from deblur_lib.guards import StepGuard
 from deblur_lib.models import build_model
 from deblur_lib.train import fit
 from deblur_lib.train.__main__ import EXIT_USAGE, main
+from deblur_lib.train.build import build_optimizer, build_scheduler, cosine_warmup_factor
 from deblur_lib.train.checkpoint import Progress, training_state
 from deblur_lib.train.config import RESUME_POLICY, TrainConfig
-from deblur_lib.train.loop import build_optimizer, build_scheduler, cosine_warmup_factor
 from deblur_lib.train.tracking import Tracker
 from deblur_lib.weights import load_checkpoint, save_checkpoint
 
