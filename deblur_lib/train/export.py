@@ -98,7 +98,9 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def export(checkpoint: Path, test_data: Path, name: str, out: Path) -> dict[str, Any]:
+def export(
+    checkpoint: Path, test_data: Path, name: str, out: Path, trained_at: str | None = None
+) -> dict[str, Any]:
     """Write NAME.pt / .json / .history.json / .md to ``out`` (see the module docstring);
     returns the card. ValueError naming the problem for a bad checkpoint or test split."""
     state = load_checkpoint(checkpoint)
@@ -115,7 +117,8 @@ def export(checkpoint: Path, test_data: Path, name: str, out: Path) -> dict[str,
         "rollbacks": state["rollbacks"],
         "best_val_psnr_db": state["best_psnr"],
         "config": {k: v for k, v in cfg.items() if k not in ("tracking_uri",)},
-        "git_commit": _git_commit(),
+        "git_commit": trained_at or _git_commit(),  # the code that trained (default: HEAD)
+        "exported_at_commit": _git_commit(),
         "machine": _machine(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -175,7 +178,8 @@ def model_card_markdown(card: dict[str, Any], per_image: list[dict[str, Any]]) -
 natural-photo share {g["natural_share"]} |
 | recipe | {t["steps"]} steps of batch {cfg["batch_size"]} ({t["images_seen"]} pairs, none \
 seen twice), {cfg["crop_size"]} px crops, AdamW lr {cfg["learning_rate"]} {cfg["scheduler"]} \
-(warm-up {cfg["warmup_steps"]}), loss {cfg["alpha"]} (1 - MS-SSIM) + {cfg["beta"]} Charbonnier |
+(warm-up {cfg["warmup_steps"]}), loss {cfg["alpha"]} (1 - MS-SSIM) + {cfg["beta"]} Charbonnier\
+{f", weights averaged (EMA {cfg['ema']})" if cfg.get("ema") else ""} |
 | guards | {t["skipped_steps"]} skipped steps, {t["rollbacks"]} rollbacks |
 | wall time | {t["wall_s"] / 60:.1f} min on {t["machine"]["cpu"]} ({t["machine"]["cores"]} \
 cores), torch {t["machine"]["torch"]}, {t["date"]} |
@@ -198,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test_data", type=Path, required=True, help="a synthesize() test split")
     ap.add_argument("--name", default="deblur-guard-small", help="the shipped name")
     ap.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where to write")
+    ap.add_argument(
+        "--trained_at", default=None, help="git commit the run trained at (default: HEAD)"
+    )
     args = ap.parse_args(argv)
     try:
-        card = export(args.checkpoint, args.test_data, args.name, args.out)
+        card = export(args.checkpoint, args.test_data, args.name, args.out, args.trained_at)
     except (ValueError, WeightsError, OSError) as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
