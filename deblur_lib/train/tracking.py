@@ -174,6 +174,10 @@ def _quiet(logger_name: str, prefix: str) -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+_MONITOR_THREAD = "SystemMetricsMonitor"  # the name MLflow gives its sampler thread
+_MONITOR_LOGGERS = ("mlflow.system_metrics.system_metrics_monitor", "urllib3.connectionpool")
+
+
 def _default_write_jsonl() -> bool:
     """Only one process of a DDP job writes metrics.jsonl: global rank 0."""
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
@@ -251,6 +255,11 @@ class Tracker:
             self._start_system_metrics()
         return self.run_id or ""
 
+    def _drop_monitor_outage(self, record: logging.LogRecord) -> bool:
+        """While the server is unreachable (already said once, by ``_go_offline``), drop the
+        retries and failures that MLflow's sampler thread logs about the same outage."""
+        return not (self.offline and record.threadName == _MONITOR_THREAD)
+
     def _start_system_metrics(self) -> None:
         """MLflow's own sampler of CPU, memory, disk and network use (GPU too, through
         nvidia-ml-py, where there is one), every ``SYSTEM_METRICS_INTERVAL_S``, logged to this
@@ -259,6 +268,8 @@ class Tracker:
             SystemMetricsMonitor,
         )
 
+        for name in _MONITOR_LOGGERS:
+            logging.getLogger(name).addFilter(self._drop_monitor_outage)
         with _quiet("mlflow.system_metrics.system_metrics_monitor", "Started monitoring"):
             self._monitor = SystemMetricsMonitor(
                 self.run_id,
@@ -396,6 +407,8 @@ class Tracker:
             with _quiet("mlflow.system_metrics.system_metrics_monitor", "Stopping system"):
                 self._monitor.finish()
             self._monitor = None
+            for name in _MONITOR_LOGGERS:
+                logging.getLogger(name).removeFilter(self._drop_monitor_outage)
         self._submit("end", status)
         if self.offline:
             self._retry(force=True)
