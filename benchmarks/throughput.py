@@ -44,7 +44,11 @@ EAGER = {
     "channels_last": ("off", True),
     "bf16_channels_last": ("bf16", True),
 }
-COMPILED = {"compile_fp32": ("off", False), "compile_bf16_channels_last": ("bf16", True)}
+COMPILED = {
+    "compile_fp32": ("off", False),
+    "compile_channels_last": ("off", True),
+    "compile_bf16_channels_last": ("bf16", True),
+}
 # what torch.compile raises when it cannot compile here (no C++ compiler, unsupported op, ...)
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
 
