@@ -2,14 +2,15 @@
 deconvolution given the true kernel. Issue 12, items 3 and 6.
 
     python benchmarks/quality.py --params params/pretrain.yaml --set num_epochs=2 --name short
-    python benchmarks/quality.py --params params/demo.yaml              # the demo's budget
-    python benchmarks/quality.py --params params/gpu.yaml --device cuda # the GPU budget
+    python benchmarks/quality.py                  # the whole make pretrain recipe (~75 min CPU)
+    python benchmarks/quality.py --device cuda    # params/gpu.yaml: the GPU budget
 
 ``--params`` is a training YAML (``TrainConfig`` fields: what ``python -m deblur_lib.train
 --config`` reads); ``--set KEY=VALUE`` overrides a field (VALUE read as YAML). Training is
 ``deblur_lib.train.fit`` (guards on; MLflow to a temporary sqlite store, checkpoints to a
 temporary folder, unless ``--keep DIR``). Its ``test_data`` must be a split written by
-``synthesize`` (``kernels/`` beside the pairs; ``make pretrain`` writes ``data/pretrain``):
+``synthesize`` (``kernels/`` beside the pairs): by default ``data/pretrain/test``, written
+here with ``make pretrain``'s command when it is missing.
 every test image is restored by the best checkpoint and by scikit-image Wiener and
 Richardson-Lucy given the TRUE kernel, in sRGB and in linear light (parameters grid-searched
 on ``--n_tune`` pairs of the sibling ``train/`` split), and left blurred; PSNR and SSIM per
@@ -39,7 +40,12 @@ from deblur_lib.synth import synthesize
 from deblur_lib.train import fit
 from deblur_lib.train.config import TrainConfig
 
-PARAMS = _common.REPO / "params" / "pretrain.yaml"
+PARAMS = {
+    "cpu": _common.REPO / "params" / "pretrain.yaml",
+    "cuda": _common.REPO / "params" / "gpu.yaml",
+}
+# make pretrain's split: synthesize(n_train=16, n_test=60, 256 px, seed 0)
+TEST_SPLIT = Path("data/pretrain")
 GOAL_GAIN_DB = 4.0
 
 
@@ -96,7 +102,9 @@ def _summary(df, method: str) -> dict[str, Any]:
 
 
 def run(args) -> dict:
-    settings = yaml.safe_load(args.params.read_text()) or {}
+    params = args.params or PARAMS["cuda" if args.device.startswith("cuda") else "cpu"]
+    settings = yaml.safe_load(params.read_text()) or {}
+    settings.setdefault("test_data", str(TEST_SPLIT / "test"))
     applied = apply_overrides(settings, args.set)
     settings["device"] = args.device
     if args.threads:  # --threads N: the training's threads too (fit sets them)
@@ -107,6 +115,8 @@ def run(args) -> dict:
             settings.update(model_size="tiny", num_epochs=1, batch_size=2, crop_size=32)
             settings.update(epoch_size=4, max_steps_per_epoch=2, test_data=f"{tmp}/data/test")
         test_dir = Path(settings["test_data"])
+        if test_dir == TEST_SPLIT / "test" and not test_dir.is_dir():
+            synthesize(TEST_SPLIT, n_train=16, n_test=60, size=256, seed=0)
         out = Path(args.keep or tmp)
         cfg = TrainConfig(
             **{
@@ -143,7 +153,7 @@ def run(args) -> dict:
     cfg_dict = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking_uri", "out_dir")}
     return {
         "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
-        "params": str(args.params),
+        "params": str(params),
         "overrides": applied,
         "train_config": cfg_dict,
         "timing_s": {"fit": train_s, "eval": eval_s},
@@ -174,7 +184,10 @@ def run(args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(__doc__.splitlines()[0], "quality")
-    ap.add_argument("--params", type=Path, default=PARAMS, help="a training YAML")
+    ap.add_argument(
+        "--params", type=Path, default=None,
+        help="a training YAML (default: params/pretrain.yaml, params/gpu.yaml on CUDA)",
+    )  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default=None, help="results/quality_<name>.json")
     ap.add_argument("--keep", type=Path, default=None, help="keep checkpoints and MLflow here")
