@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     prog = "python -m deblur_lib.notebook.readme"
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--tracking_uri", default="sqlite:///mlflow.db")
-    ap.add_argument("--test_data", type=Path, default=Path("data/pretrain/test"))
+    ap.add_argument(  # make demo writes it; the same 60 images as make pretrain's split
+        "--test_data", type=Path, default=Path("data/synth/test"), help="natural test pairs"
+    )
     ap.add_argument("--out", type=Path, default=Path("docs"))
     args = ap.parse_args(argv)
     try:

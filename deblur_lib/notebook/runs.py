@@ -146,9 +146,10 @@ def reproduces_failure(history: History) -> tuple[bool, str]:
     bad = invalid_logged(history, ("val_psnr", "val_ssim"))
     cuts = [c for c in lr_cuts(history) if "invalid" in str(c["cause"])]
     loss = history.get("val_loss", _empty())[1]
+    cut_text = ", ".join(f"epoch {c['epoch']} {c['from']:.0e} -> {c['to']:.0e}" for c in cuts)
     why = (
         f"invalid PSNR/SSIM values logged: {bad}; LR cuts after an invalid value: "
-        f"{[(c['epoch'], c['from'], c['to']) for c in cuts]}; val_loss non-finite in "
+        f"[{cut_text}]; val_loss non-finite in "
         f"{int(nonfinite(loss).sum())} of {loss.size} epochs"
     )
     return bool(sum(bad.values()) and cuts), why
