@@ -48,7 +48,7 @@ figures: $(STAMP)
 
 # every benchmark in turn, JSON to benchmarks/results/; on a GPU: make bench DEVICE=cuda
 DEVICE  ?= cpu
-BENCHES := guard_overhead throughput shared_cpu data_loading loss_metrics predict tiling quality
+BENCHES := guard_overhead throughput shared_cpu data_loading loss_metrics predict tiling ensemble quality
 bench: $(STAMP)
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --device $(DEVICE) || exit 1; done
 

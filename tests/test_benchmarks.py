@@ -42,6 +42,7 @@ SCRIPTS = {
     "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
     "shared_cpu": ([], {"config", "idle_step_s", "busy_step_s", "busy_over_idle", "target"}),
     "tiling": ([], {"config", "global_pooling", "tlc", "per_image"}),
+    "ensemble": ([], {"config", "ensembles"}),
 }
 
 
@@ -132,3 +133,12 @@ def test_quality_set_rejects_unknown_keys_and_reads_yaml_values():
     for bad in ("alpha", "lr=0.1", "=3"):
         with pytest.raises(ValueError, match="expected KEY=VALUE"):
             quality.apply_overrides(settings, [bad])
+
+
+def test_ensemble_reports_gain_and_cost_against_a_single_pass(tmp_path_factory):
+    result = _run("ensemble", tmp_path_factory)
+    rows = result["ensembles"]
+    assert list(rows) == ["1", "8"] and result["config"]["n_images"] == 2
+    assert rows["1"]["gain_db"] == 0.0 and rows["1"]["time_ratio"] == 1.0
+    assert rows["8"]["gain_db"] == rows["8"]["psnr_db"] - rows["1"]["psnr_db"]
+    assert all(r["s_per_image"] > 0 and 0 < r["ssim"] <= 1 for r in rows.values())
