@@ -425,3 +425,20 @@ def test_write_jsonl_off(tmp_path):
     tracker.start()
     tracker.log_metrics({"loss": 1.0}, step=0)
     assert not (tmp_path / "rank1").exists()
+
+
+def test_sampler_thread_outage_messages_are_dropped_only_while_offline(tmp_path):
+    """MLflow's system-metrics thread retries and warns when the server is gone; the tracker's
+    one outage warning already says it, so those records go, and nothing else does."""
+    t = Tracker(out_dir=tmp_path, enabled=False)
+
+    def record(thread: str) -> logging.LogRecord:
+        rec = logging.LogRecord("urllib3.connectionpool", logging.WARNING, __file__, 1,
+                                "Retrying (Retry(total=0))", None, None)  # fmt: skip
+        rec.threadName = thread
+        return rec
+
+    assert t._drop_monitor_outage(record("SystemMetricsMonitor"))  # online: kept
+    t.offline = True
+    assert not t._drop_monitor_outage(record("SystemMetricsMonitor"))  # offline: dropped
+    assert t._drop_monitor_outage(record("MainThread"))  # our own thread: kept
