@@ -47,7 +47,7 @@ figures: $(STAMP)
 	$(PY) -m deblur_lib.notebook.readme --tracking_uri sqlite:///mlflow.db --out docs
 
 # every benchmark in turn, JSON to benchmarks/results/; on a GPU: make bench DEVICE=cuda
-# (the last, quality.py, trains the make pretrain recipe: about 75 min on 2 CPU cores)
+# (the last, quality.py, trains the make pretrain recipe: about an hour on 2 CPU cores)
 DEVICE  ?= cpu
 BENCHES := guard_overhead throughput shared_cpu data_loading loss_metrics predict tiling ensemble quality
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 deconvolution given the true kernel. Issue 12, items 3 and 6.
 
     python benchmarks/quality.py --params params/pretrain.yaml --set num_epochs=2 --name short
-    python benchmarks/quality.py                  # the whole make pretrain recipe (~75 min CPU)
+    python benchmarks/quality.py                  # the whole make pretrain recipe (~1 h CPU)
     python benchmarks/quality.py --device cuda    # params/gpu.yaml: the GPU budget
 
 ``--params`` is a training YAML (``TrainConfig`` fields: what ``python -m deblur_lib.train
