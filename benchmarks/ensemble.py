@@ -20,7 +20,8 @@ import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
 from deblur_lib.data import PairedImageFolder
-from deblur_lib.metrics import denormalize, psnr, ssim
+from deblur_lib.evaluate import image_metrics
+from deblur_lib.metrics import denormalize
 from deblur_lib.models import DEFAULT_MODEL, build_model
 from deblur_lib.predict import deblur
 from deblur_lib.synth import synthesize
@@ -49,7 +50,8 @@ def run(args) -> dict:
             out = deblur(model, blur, ensemble=k, device=args.device)
             times.append(time.perf_counter() - t0)
             pred, target = denormalize(out[None].float()), denormalize(sharp[None])
-            scores.append((float(psnr(pred, target)[0]), float(ssim(pred, target)[0])))
+            p, s = image_metrics(pred, target)  # what validation averages
+            scores.append((float(p[0]), float(s[0])))
         results[str(k)] = {
             "psnr_db": statistics.fmean(s[0] for s in scores),
             "ssim": statistics.fmean(s[1] for s in scores),
