@@ -85,7 +85,9 @@ def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
         )
     bs = cfg.batch_size // ctx.world_size
     if cfg.train_data == SYNTHETIC:  # endless: sample number epoch * per_epoch + position
-        train_ds = SyntheticPairs(cfg.crop_size, cfg.epoch_size, cfg.seed)
+        train_ds = SyntheticPairs(
+            cfg.crop_size, cfg.epoch_size, cfg.seed, natural_share=cfg.natural_share
+        )
         sampler = GlobalBatchSampler(cfg.epoch_size, cfg.batch_size, ctx.rank, ctx.world_size)
         keyed = FreshKeys(train_ds, sampler.steps() * cfg.batch_size)
         first_train = train_ds[0]

@@ -22,6 +22,7 @@ from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, ima
 from deblur_lib.metrics import WIN_SIZE
 from deblur_lib.models import MODEL_PRESETS
 from deblur_lib.predict import estimate_memory_mb
+from deblur_lib.synth import NATURAL_SHARE, SyntheticPairs
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
 from deblur_lib.train.tracking import JSONL, read_jsonl, resolve_tracking_uri
@@ -67,6 +68,11 @@ class TrainConfig:
     patience: int = _opt(20, "ReduceLROnPlateau patience, in validated epochs")
     crop_size: int = _opt(256, "random training crop, px (<= the smallest training image)")
     epoch_size: int = _opt(2000, "--train_data synthetic: generated pairs per epoch")
+    natural_share: float = _opt(
+        NATURAL_SHARE,
+        "--train_data synthetic: share in [0, 1] of generated scenes that are crops of the "
+        "training photos (the rest: dead leaves)",
+    )
     model_size: str = _opt("small", "DeblurNet preset", ("tiny", "small", "base"))
     model_width: int | None = _opt(None, "override the preset's channel width")
     device: str = _opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
@@ -163,6 +169,7 @@ RESUME_POLICY = {
     "patience": "apply",  # ReduceLROnPlateau's patience is set to it
     "crop_size": "same",
     "epoch_size": "same",
+    "natural_share": "same",
     "model_size": "same",
     "model_width": "same",
     "device": "apply",
@@ -325,6 +332,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
             f"--warmup_steps {cfg.warmup_steps} applies to --scheduler cosine only "
             f"(got --scheduler {cfg.scheduler}); pass --warmup_steps 0 or --scheduler cosine"
         )
+    share = cfg.natural_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ValueError(f"--natural_share must be a number in [0, 1] (got {share!r})")
     if cfg.alpha + cfg.beta <= 0:
         raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
     for f in dataclasses.fields(cfg):
@@ -351,6 +361,8 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"--crop_size {cfg.crop_size}: --train_data {SYNTHETIC} generates crops of at "
                 f"least {SYNTHETIC_MIN_CROP} px"
             )
+        # the photos it crops must be installed and large enough (ValueError says which)
+        SyntheticPairs(cfg.crop_size, 1, cfg.seed, natural_share=cfg.natural_share)
         folders = folders[1:]
     found = {}
     for flag, root in folders:

@@ -126,7 +126,7 @@ def export(
         "train_data": cfg["train_data"],
         "version": GENERATOR_VERSION,
         "seed": cfg["seed"],
-        "natural_share": NATURAL_SHARE,
+        "natural_share": cfg.get("natural_share", NATURAL_SHARE),  # older runs: the default
         "degradation": DEFAULT_PARAMS.to_dict(),
     }
     manifest = test_data.parent / "manifest.json"  # synthesize()'s settings of the split

@@ -498,6 +498,28 @@ def test_build_loaders_reports_a_range_problem(tiny_data, tmp_path):
     assert loaders.example.shape == loaders.example_sharp.shape == (1, 3, 40, 40)
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_generated_training_pairs_follow_natural_share(tiny_data, share):
+    cfg = TrainConfig(
+        train_data="synthetic", test_data=str(tiny_data / "test"), crop_size=32, epoch_size=8,
+        natural_share=share,
+    )  # fmt: skip
+    cfg.validate()
+    loaders = build_loaders(cfg, DistContext(), torch.device("cpu"))
+    dataset = loaders.train.dataset.dataset  # FreshKeys around the SyntheticPairs
+    assert dataset.natural_share == share
+    sources = {dataset.pair(i).source for i in range(8)}
+    assert (sources == {"dead_leaves"}) == (share == 0.0)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half", True])
+def test_natural_share_outside_0_1_is_a_usage_error(tiny_data, share):
+    cfg = TrainConfig(train_data="synthetic", test_data=str(tiny_data / "test"), crop_size=32,
+                      natural_share=share)  # fmt: skip
+    with pytest.raises(ValueError, match="--natural_share must be a number in"):
+        cfg.validate()
+
+
 def test_configure_backends_touches_nothing_off_cuda():
     flags = ("benchmark", "allow_tf32")
     before = [getattr(torch.backends.cudnn, f) for f in flags]
