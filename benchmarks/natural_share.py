@@ -1,0 +1,136 @@
+"""Benchmark: how much of the generated training data should be photo crops (issue 12, item 3).
+
+    python benchmarks/natural_share.py                       # 0.3, 0.7, 1.0; 600 steps each
+    python benchmarks/natural_share.py --shares 0.3 0.8 --steps 300
+
+A probe, cheaper than a run from scratch per share: for each ``--shares`` value S the shipped
+weights are fine-tuned for ``--steps`` steps of the training loop's own step
+(``Trainer._train_step``: guards on, fused AdamW at a constant ``--lr``, channels_last) on
+``SyntheticPairs(128 px, natural_share=S)`` from a seed that neither ``make pretrain`` (1) nor
+the test split (0) uses, batch 8, one DataLoader worker; then every image of the test split is
+restored whole. Reported per share: mean PSNR / SSIM, the mean gain over the blurred input, the
+images the model makes worse and the three worst (``deblur_lib.metrics``, as validation).
+All shares start from the same weights and see the same scenes where their draws agree.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import _common  # first: puts the repo on sys.path when run as a script
+import torch
+from torch.utils.data import DataLoader
+
+from deblur_lib.data import PairedImageFolder
+from deblur_lib.evaluate import image_metrics
+from deblur_lib.metrics import denormalize
+from deblur_lib.models import DEFAULT_MODEL, DeblurNet
+from deblur_lib.synth import SyntheticPairs, synthesize
+
+PROBE_SEED = 77  # a generator stream no training run or test split of this repo uses
+
+
+def _scores(model: torch.nn.Module, pairs: PairedImageFolder) -> list[tuple[float, float]]:
+    """(PSNR, SSIM) of ``model`` on every pair, whole images, one at a time."""
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        for i in range(len(pairs)):
+            blur, sharp = pairs[i]  # (3, H, W) model space
+            out = model(blur[None].contiguous(memory_format=torch.channels_last))
+            p, s = image_metrics(denormalize(out.float()), denormalize(sharp[None]))
+            scores.append((float(p[0]), float(s[0])))
+    return scores
+
+
+def _blurred(pairs: PairedImageFolder) -> list[float]:
+    """PSNR of each blurred input against its sharp image."""
+    out = []
+    for blur, sharp in pairs:
+        out.append(float(image_metrics(denormalize(blur[None]), denormalize(sharp[None]))[0][0]))
+    return out
+
+
+def run(args) -> dict:
+    dev = torch.device(args.device)
+    preset, start = "small", DEFAULT_MODEL
+    if args.quick:  # smoke sizes: a random tiny model on a split of its own
+        tmp = tempfile.mkdtemp(prefix="bench_natural_share_")
+        synthesize(tmp, n_train=1, n_test=2, size=48, seed=0, progress=False)
+        args.test_data, args.steps, args.crop, args.shares = f"{tmp}/test", 2, 32, [0.0, 1.0]
+        preset, start = "tiny", None
+    pairs = PairedImageFolder(args.test_data)
+    if len(pairs) == 0:
+        raise SystemExit(f"{args.test_data}: no test pairs")
+    blurred = _blurred(pairs)
+    step, origin = _common.train_py_step()
+    results: dict[str, dict] = {}
+    for share in args.shares:
+        h = _common.step_harness(preset, dev, guarded=True, channels_last=True)
+        if start is not None:
+            h.model.load_state_dict(DeblurNet.from_pretrained(start).state_dict())
+        for group in h.optimizer.param_groups:
+            group["lr"] = args.lr
+        data = SyntheticPairs(
+            args.crop, args.steps * args.batch, PROBE_SEED, natural_share=share
+        )  # fmt: skip
+        loader = DataLoader(data, batch_size=args.batch, num_workers=0 if args.quick else 1)
+        h.model.train()
+        t0 = time.perf_counter()
+        for blur, sharp in loader:
+            step(h, blur, sharp, h.acc)
+        train_s = time.perf_counter() - t0
+        skipped = int(h.guard.read()["skipped_total"])
+        scores = _scores(h.model, pairs)
+        gains = [s[0] - b for s, b in zip(scores, blurred, strict=True)]
+        worst = sorted(range(len(gains)), key=gains.__getitem__)[:3]
+        results[str(share)] = {
+            "psnr_db": statistics.fmean(s[0] for s in scores),
+            "ssim": statistics.fmean(s[1] for s in scores),
+            "gain_db": statistics.fmean(gains),
+            "images_worse": sum(g < 0 for g in gains),
+            "worst": {pairs.names[i]: gains[i] for i in worst},
+            "skipped_steps": skipped,
+            "train_s": train_s,
+        }
+    untouched = None
+    if start is not None:  # the shipped weights themselves, for reference
+        scores = _scores(DeblurNet.from_pretrained(start), pairs)
+        untouched = statistics.fmean(s[0] - b for s, b in zip(scores, blurred, strict=True))
+    return {
+        "config": {
+            "start": start or "random tiny",
+            "steps": args.steps,
+            "batch": args.batch,
+            "crop": args.crop,
+            "lr": args.lr,
+            "probe_seed": PROBE_SEED,
+            "step_code": origin + " (guards on)",
+            "test_data": str(args.test_data),
+            "n_images": len(pairs),
+        },
+        "blurred_psnr_db": statistics.fmean(blurred),
+        "start_gain_db": untouched,
+        "shares": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _common.parser(__doc__.splitlines()[0], "natural_share")
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.3, 0.7, 1.0])
+    ap.add_argument("--steps", type=int, default=600, help="fine-tuning steps per share")
+    ap.add_argument("--lr", type=float, default=2e-4, help="constant AdamW learning rate")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128, help="px")
+    ap.add_argument("--test_data", default="data/pretrain/test")
+    args = _common.setup(ap, argv)
+    torch.manual_seed(0)
+    _common.write(args, run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
