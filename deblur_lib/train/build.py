@@ -30,7 +30,7 @@ from deblur_lib.data import (
 from deblur_lib.models import build_model
 from deblur_lib.synth import SyntheticPairs
 from deblur_lib.train import distributed
-from deblur_lib.train.config import SYNTHETIC, TrainConfig
+from deblur_lib.train.config import SYNTHETIC, TrainConfig, initial_weights
 
 
 def configure_backends(device: torch.device) -> None:
@@ -119,7 +119,11 @@ def build_net(
     """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
     wrapper under torchrun, else the model itself; ``torch.compile``d with ``cfg.compile``).
     Evaluate, checkpoint and diagnose ``model``."""
-    model = build_model(cfg.model_size, cfg.model_width).to(device)
+    model = build_model(cfg.model_size, cfg.model_width)
+    init = initial_weights(cfg)  # --init_from (a resumed run then loads its checkpoint)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model

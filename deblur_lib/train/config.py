@@ -20,13 +20,13 @@ import torch
 
 from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
 from deblur_lib.metrics import WIN_SIZE
-from deblur_lib.models import MODEL_PRESETS
+from deblur_lib.models import MODEL_PRESETS, WeightsError, architecture, preset_architecture
 from deblur_lib.predict import estimate_memory_mb
 from deblur_lib.synth import NATURAL_SHARE, SyntheticPairs
 from deblur_lib.train.faults import parse_faults
 from deblur_lib.train.threads import parse_threads
 from deblur_lib.train.tracking import JSONL, read_jsonl, resolve_tracking_uri
-from deblur_lib.weights import load_checkpoint
+from deblur_lib.weights import load_checkpoint, load_model
 
 SYNTHETIC = "synthetic"  # --train_data value: generated pairs (synth.SyntheticPairs)
 SYNTHETIC_MIN_CROP = 32  # px, the smallest crop synth.SyntheticPairs makes
@@ -74,6 +74,11 @@ class TrainConfig:
         "training photos (the rest: dead leaves)",
     )
     model_size: str = _opt("small", "DeblurNet preset", ("tiny", "small", "base"))
+    init_from: str | None = _opt(
+        None,
+        "start from these weights (anything predict --model takes: a checkpoint, a weights "
+        "folder, a shipped name, models:/NAME/VERSION) with a fresh optimizer and schedule",
+    )
     model_width: int | None = _opt(None, "override the preset's channel width")
     device: str = _opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
     amp: str = _opt(
@@ -147,7 +152,28 @@ class TrainConfig:
         _check_resume(self)
         _check_out_dir(Path(self.out_dir))
         _check_data(self)
+        initial_weights(self)
         _check_tracking(self)  # last: everything else is known to be fine
+
+
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The state dict ``--init_from`` names (None without it), read weights-only; ValueError
+    when it cannot be loaded or its architecture is not ``--model_size``/``--model_width``'s."""
+    if cfg.init_from is None:
+        return None
+    try:
+        model, _ = load_model(cfg.init_from, tracking_uri=cfg.tracking_uri)
+    except WeightsError as exc:
+        raise ValueError(f"--init_from: {exc}") from None
+    keys = ("width", "enc_blocks", "middle_blocks", "dec_blocks")
+    have = {k: architecture(model)[k] for k in keys}
+    want = {k: preset_architecture(cfg.model_size, cfg.model_width)[k] for k in keys}
+    if have != want:
+        raise ValueError(
+            f"--init_from {cfg.init_from}: its architecture {have} is not --model_size "
+            f"{cfg.model_size}'s {want}; pass the matching --model_size/--model_width"
+        )
+    return model.state_dict()
 
 
 # --resume with settings other than the checkpoint's, flag by flag:
@@ -171,6 +197,7 @@ RESUME_POLICY = {
     "epoch_size": "same",
     "natural_share": "same",
     "model_size": "same",
+    "init_from": "same",
     "model_width": "same",
     "device": "apply",
     "amp": "apply",

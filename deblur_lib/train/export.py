@@ -122,6 +122,8 @@ def export(
         "machine": _machine(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if cfg.get("init_from"):  # a second stage: what the first one was
+        training["init_from"] = _init_record(str(cfg["init_from"]))
     generator = {
         "train_data": cfg["train_data"],
         "version": GENERATOR_VERSION,
@@ -162,6 +164,38 @@ def export(
     return card
 
 
+def _init_record(spec: str) -> dict[str, Any]:
+    """What ``--init_from`` started from: for a checkpoint file its steps, wall time and data
+    settings (the first stage of a two-stage recipe), else the name alone."""
+    record: dict[str, Any] = {"source": spec}
+    if Path(spec).is_file():
+        state = load_checkpoint(Path(spec))
+        cfg, history = state["config"], state["history"]
+        record |= {
+            "steps": state["step"],
+            "wall_s": round(sum(h.get("epoch_s", 0.0) for h in history), 1),
+            "natural_share": cfg.get("natural_share", NATURAL_SHARE),
+            "seed": cfg["seed"],
+            "learning_rate": cfg["learning_rate"],
+            "init_from": cfg.get("init_from"),
+        }
+    return record
+
+
+def _init_row(t: dict[str, Any]) -> str:
+    init = t.get("init_from")
+    if not init:
+        return ""
+    if "steps" not in init:
+        return f"| started from | `{init['source']}` |\n"
+    return (
+        f"| started from | `{init['source']}`: {init['steps']} steps of its own "
+        f"({init['wall_s'] / 60:.1f} min, generator seed {init['seed']}, natural-photo share "
+        f"{init['natural_share']}, lr {init['learning_rate']}); total wall time "
+        f"{(init['wall_s'] + t['wall_s']) / 60:.1f} min |\n"
+    )
+
+
 def model_card_markdown(card: dict[str, Any], per_image: list[dict[str, Any]]) -> str:
     t, g, test = card["training"], card["generator"], card["test"]
     cfg = t["config"]
@@ -180,7 +214,7 @@ natural-photo share {g["natural_share"]} |
 seen twice), {cfg["crop_size"]} px crops, AdamW lr {cfg["learning_rate"]} {cfg["scheduler"]} \
 (warm-up {cfg["warmup_steps"]}), loss {cfg["alpha"]} (1 - MS-SSIM) + {cfg["beta"]} Charbonnier\
 {f", weights averaged (EMA {cfg['ema']})" if cfg.get("ema") else ""} |
-| guards | {t["skipped_steps"]} skipped steps, {t["rollbacks"]} rollbacks |
+{_init_row(t)}| guards | {t["skipped_steps"]} skipped steps, {t["rollbacks"]} rollbacks |
 | wall time | {t["wall_s"] / 60:.1f} min on {t["machine"]["cpu"]} ({t["machine"]["cores"]} \
 cores), torch {t["machine"]["torch"]}, {t["date"]} |
 | code | git {t["git_commit"]} |
