@@ -12,7 +12,9 @@ writes, for ``NAME``:
   the training configuration and where it ran (git commit, machine, torch, wall time, steps),
   the data generator (version, seed, degradation parameters), and the test split's mean
   PSNR/SSIM of the model and of the blurred input, measured here with ``predict.deblur``;
-* ``NAME.history.json``: the run's per-epoch records (what notebook 06 plots);
+* ``NAME.history.json``: the run's per-epoch records (what notebook 06 plots); for a second
+  stage (``--init_from`` a checkpoint) its first stage's records first, then its own with the
+  epochs numbered on, each with ``stage`` 1 or 2;
 * ``NAME.md``: the same card for people.
 
 Refuses (exit 2, one line) a checkpoint that is not finite or verified, a missing test split,
@@ -122,8 +124,12 @@ def export(
         "machine": _machine(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    shipped_history = history
     if cfg.get("init_from"):  # a second stage: what the first one was
-        training["init_from"] = _init_record(str(cfg["init_from"]))
+        training["init_from"], first = _first_stage(str(cfg["init_from"]))
+        shipped_history = [dict(r, stage=1) for r in first] + [
+            dict(r, stage=2, epoch=r["epoch"] + len(first)) for r in history
+        ]
     generator = {
         "train_data": cfg["train_data"],
         "version": GENERATOR_VERSION,
@@ -158,16 +164,18 @@ def export(
     weights_path.replace(out / f"{name}.pt")
     config_path.replace(out / f"{name}.json")
     (out / "tmp_export").rmdir()
-    (out / f"{name}.history.json").write_text(json.dumps(history, indent=1) + "\n")
+    (out / f"{name}.history.json").write_text(json.dumps(shipped_history, indent=1) + "\n")
     card = json.loads((out / f"{name}.json").read_text())
     (out / f"{name}.md").write_text(model_card_markdown(card, scores["per_image"]))
     return card
 
 
-def _init_record(spec: str) -> dict[str, Any]:
-    """What ``--init_from`` started from: for a checkpoint file its steps, wall time and data
-    settings (the first stage of a two-stage recipe), else the name alone."""
+def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What ``--init_from`` started from, and its per-epoch history: for a checkpoint file its
+    steps, wall time and data settings (the first stage of a two-stage recipe), else the name
+    alone and no history."""
     record: dict[str, Any] = {"source": spec}
+    history: list[dict[str, Any]] = []
     if Path(spec).is_file():
         state = load_checkpoint(Path(spec))
         cfg, history = state["config"], state["history"]
@@ -179,7 +187,7 @@ def _init_record(spec: str) -> dict[str, Any]:
             "learning_rate": cfg["learning_rate"],
             "init_from": cfg.get("init_from"),
         }
-    return record
+    return record, history
 
 
 def _init_row(t: dict[str, Any]) -> str:
