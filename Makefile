@@ -1,7 +1,7 @@
 # Two commands do all the set-up (see README.md):
 #   make demo   create .venv, install, run every notebook (CPU-sized) into runs/
 #   make test   create .venv, install, run the test suite
-# Also: make lab (JupyterLab on notebooks/), make pretrain (the long run behind the shipped
+# Also: make lab (JupyterLab on notebooks/), make pretrain (the two runs behind the shipped
 # weights, resumable), make figures (the README's PNGs), make bench, make lint.
 PYTHON ?= python3.11
 VENV   := .venv
