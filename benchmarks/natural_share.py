@@ -1,12 +1,13 @@
 """Benchmark: how much of the generated training data should be photo crops (issue 12, item 3).
 
-    python benchmarks/natural_share.py                       # 0.3, 0.7, 1.0; 600 steps each
-    python benchmarks/natural_share.py --shares 0.3 0.8 --steps 300
+    python benchmarks/natural_share.py --start runs/pretrain/best.pt   # stage 1 of make pretrain
+    python benchmarks/natural_share.py --shares 0.3 0.8 --steps 300   # from the shipped weights
 
-A probe, cheaper than a run from scratch per share: for each ``--shares`` value S the shipped
-weights are fine-tuned for ``--steps`` steps of the training loop's own step
+A probe, cheaper than a run from scratch per share: for each ``--shares`` value S the
+``--start`` weights (anything ``predict --model`` takes) are fine-tuned for ``--steps`` steps
+of the training loop's own step
 (``Trainer._train_step``: guards on, fused AdamW at a constant ``--lr``, channels_last) on
-``SyntheticPairs(128 px, natural_share=S)`` from a seed that neither ``make pretrain`` (1) nor
+``SyntheticPairs(128 px, natural_share=S)`` from a seed that neither ``make pretrain`` (1, 2) nor
 the test split (0) uses, batch 8, one DataLoader worker; then every image of the test split is
 restored whole. Reported per share: mean PSNR / SSIM, the mean gain over the blurred input, the
 images the model makes worse and the three worst (``deblur_lib.metrics``, as validation).
@@ -27,8 +28,9 @@ from torch.utils.data import DataLoader
 from deblur_lib.data import PairedImageFolder
 from deblur_lib.evaluate import image_metrics
 from deblur_lib.metrics import denormalize
-from deblur_lib.models import DEFAULT_MODEL, DeblurNet
+from deblur_lib.models import DEFAULT_MODEL, MODEL_PRESETS, architecture, preset_architecture
 from deblur_lib.synth import SyntheticPairs, synthesize
+from deblur_lib.weights import load_model
 
 PROBE_SEED = 77  # a generator stream no training run or test split of this repo uses
 
@@ -56,12 +58,20 @@ def _blurred(pairs: PairedImageFolder) -> list[float]:
 
 def run(args) -> dict:
     dev = torch.device(args.device)
-    preset, start = "small", DEFAULT_MODEL
+    preset, start = None, args.start
     if args.quick:  # smoke sizes: a random tiny model on a split of its own
         tmp = tempfile.mkdtemp(prefix="bench_natural_share_")
         synthesize(tmp, n_train=1, n_test=2, size=48, seed=0, progress=False)
         args.test_data, args.steps, args.crop, args.shares = f"{tmp}/test", 2, 32, [0.0, 1.0]
         preset, start = "tiny", None
+    initial = load_model(start, map_location=dev)[0] if start is not None else None
+    if initial is not None:  # the harness builds a preset: find the one that fits
+        keys = ("width", "enc_blocks", "middle_blocks", "dec_blocks")
+        arch = {k: architecture(initial)[k] for k in keys}
+        fits = [p for p in MODEL_PRESETS if {k: preset_architecture(p)[k] for k in keys} == arch]
+        if not fits:
+            raise SystemExit(f"--start {start}: architecture {arch} is no preset's")
+        preset = fits[0]
     pairs = PairedImageFolder(args.test_data)
     if len(pairs) == 0:
         raise SystemExit(f"{args.test_data}: no test pairs")
@@ -70,8 +80,8 @@ def run(args) -> dict:
     results: dict[str, dict] = {}
     for share in args.shares:
         h = _common.step_harness(preset, dev, guarded=True, channels_last=True)
-        if start is not None:
-            h.model.load_state_dict(DeblurNet.from_pretrained(start).state_dict())
+        if initial is not None:
+            h.model.load_state_dict(initial.state_dict())
         for group in h.optimizer.param_groups:
             group["lr"] = args.lr
         data = SyntheticPairs(
@@ -97,8 +107,8 @@ def run(args) -> dict:
             "train_s": train_s,
         }
     untouched = None
-    if start is not None:  # the shipped weights themselves, for reference
-        scores = _scores(DeblurNet.from_pretrained(start), pairs)
+    if initial is not None:  # the starting weights themselves, for reference
+        scores = _scores(initial, pairs)
         untouched = statistics.fmean(s[0] - b for s, b in zip(scores, blurred, strict=True))
     return {
         "config": {
@@ -120,6 +130,7 @@ def run(args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(__doc__.splitlines()[0], "natural_share")
+    ap.add_argument("--start", default=DEFAULT_MODEL, help="weights to fine-tune (predict --model)")
     ap.add_argument("--shares", type=float, nargs="+", default=[0.3, 0.7, 1.0])
     ap.add_argument("--steps", type=int, default=600, help="fine-tuning steps per share")
     ap.add_argument("--lr", type=float, default=2e-4, help="constant AdamW learning rate")
