@@ -10,13 +10,13 @@ of the training loop's own step
 ``SyntheticPairs(128 px, natural_share=S)`` from a seed that neither ``make pretrain`` (1, 2) nor
 the test split (0) uses, batch 8, one DataLoader worker; then every image of the test split is
 restored whole. Reported per share: mean PSNR / SSIM, the mean gain over the blurred input, the
-images the model makes worse and the three worst (``deblur_lib.metrics``, as validation).
+images the model makes worse and the three worst (``train.export.test_scores``: what the
+model card reports).
 All shares start from the same weights and see the same scenes where their draws agree.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,34 +26,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from deblur_lib.data import PairedImageFolder
-from deblur_lib.evaluate import image_metrics
-from deblur_lib.metrics import denormalize
-from deblur_lib.models import DEFAULT_MODEL, MODEL_PRESETS, architecture, preset_architecture
+from deblur_lib.models import (
+    DEFAULT_MODEL,
+    MODEL_PRESETS,
+    architecture,
+    network_of,
+    preset_architecture,
+)
 from deblur_lib.synth import SyntheticPairs, synthesize
+from deblur_lib.train.export import test_scores
 from deblur_lib.weights import load_model
 
 PROBE_SEED = 77  # a generator stream no training run or test split of this repo uses
-
-
-def _scores(model: torch.nn.Module, pairs: PairedImageFolder) -> list[tuple[float, float]]:
-    """(PSNR, SSIM) of ``model`` on every pair, whole images, one at a time."""
-    model.eval()
-    scores = []
-    with torch.inference_mode():
-        for i in range(len(pairs)):
-            blur, sharp = pairs[i]  # (3, H, W) model space
-            out = model(blur[None].contiguous(memory_format=torch.channels_last))
-            p, s = image_metrics(denormalize(out.float()), denormalize(sharp[None]))
-            scores.append((float(p[0]), float(s[0])))
-    return scores
-
-
-def _blurred(pairs: PairedImageFolder) -> list[float]:
-    """PSNR of each blurred input against its sharp image."""
-    out = []
-    for blur, sharp in pairs:
-        out.append(float(image_metrics(denormalize(blur[None]), denormalize(sharp[None]))[0][0]))
-    return out
 
 
 def run(args) -> dict:
@@ -66,16 +50,13 @@ def run(args) -> dict:
         preset, start = "tiny", None
     initial = load_model(start, map_location=dev)[0] if start is not None else None
     if initial is not None:  # the harness builds a preset: find the one that fits
-        keys = ("width", "enc_blocks", "middle_blocks", "dec_blocks")
-        arch = {k: architecture(initial)[k] for k in keys}
-        fits = [p for p in MODEL_PRESETS if {k: preset_architecture(p)[k] for k in keys} == arch]
+        arch = network_of(architecture(initial))
+        fits = [p for p in MODEL_PRESETS if network_of(preset_architecture(p)) == arch]
         if not fits:
             raise SystemExit(f"--start {start}: architecture {arch} is no preset's")
         preset = fits[0]
-    pairs = PairedImageFolder(args.test_data)
-    if len(pairs) == 0:
+    if len(PairedImageFolder(args.test_data)) == 0:
         raise SystemExit(f"{args.test_data}: no test pairs")
-    blurred = _blurred(pairs)
     step, origin = _common.train_py_step()
     results: dict[str, dict] = {}
     for share in args.shares:
@@ -94,22 +75,19 @@ def run(args) -> dict:
             step(h, blur, sharp, h.acc)
         train_s = time.perf_counter() - t0
         skipped = int(h.guard.read()["skipped_total"])
-        scores = _scores(h.model, pairs)
-        gains = [s[0] - b for s, b in zip(scores, blurred, strict=True)]
-        worst = sorted(range(len(gains)), key=gains.__getitem__)[:3]
+        scores = test_scores(h.model, args.test_data)  # what the model card reports
+        gains = {r["name"]: r["psnr"] - r["blurred_psnr"] for r in scores["per_image"]}
         results[str(share)] = {
-            "psnr_db": statistics.fmean(s[0] for s in scores),
-            "ssim": statistics.fmean(s[1] for s in scores),
-            "gain_db": statistics.fmean(gains),
-            "images_worse": sum(g < 0 for g in gains),
-            "worst": {pairs.names[i]: gains[i] for i in worst},
+            "psnr_db": scores["psnr"],
+            "ssim": scores["ssim"],
+            "gain_db": scores["gain_db"],
+            "images_worse": sum(g < 0 for g in gains.values()),
+            "worst": dict(sorted(gains.items(), key=lambda kv: kv[1])[:3]),
             "skipped_steps": skipped,
             "train_s": train_s,
         }
-    untouched = None
-    if initial is not None:  # the starting weights themselves, for reference
-        scores = _scores(initial, pairs)
-        untouched = statistics.fmean(s[0] - b for s, b in zip(scores, blurred, strict=True))
+    # the starting weights themselves, for reference
+    before = test_scores(initial, args.test_data) if initial is not None else None
     return {
         "config": {
             "start": start or "random tiny",
@@ -120,10 +98,10 @@ def run(args) -> dict:
             "probe_seed": PROBE_SEED,
             "step_code": origin + " (guards on)",
             "test_data": str(args.test_data),
-            "n_images": len(pairs),
+            "n_images": scores["n_images"],
         },
-        "blurred_psnr_db": statistics.fmean(blurred),
-        "start_gain_db": untouched,
+        "blurred_psnr_db": scores["blurred_psnr"],
+        "start_gain_db": before["gain_db"] if before else None,
         "shares": results,
     }
 

@@ -284,6 +284,12 @@ def architecture(model: DeblurNet, preset: str | None = None) -> dict[str, Any]:
     }
 
 
+def network_of(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of an architecture config that fix the network (all but the preset's name),
+    per-level block counts as lists: two configs describe the same net when these are equal."""
+    return {k: list(v) if isinstance(v := arch[k], tuple | list) else v for k in ARCH_KEYS[1:]}
+
+
 def preset_architecture(preset: str, width: int | None = None) -> dict[str, Any]:
     """The architecture config of ``models.build_model(preset, width)``."""
     if preset not in MODEL_PRESETS:

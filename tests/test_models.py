@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from deblur_lib import models
-from deblur_lib.models import MODEL_PRESETS, DeblurNet, LayerNorm2d, build_model, count_parameters
+from deblur_lib.models import (
+    MODEL_PRESETS,
+    DeblurNet,
+    LayerNorm2d,
+    architecture,
+    build_model,
+    count_parameters,
+    network_of,
+    preset_architecture,
+)
 
 
 def _perturbed(model: DeblurNet, seed: int = 0) -> DeblurNet:
@@ -199,3 +208,11 @@ def test_cuda_bf16_autocast_channels_last() -> None:
         y = model(x)
     assert y.shape == x.shape
     assert torch.isfinite(y).all()
+
+
+def test_network_of_ignores_the_preset_name_and_tuple_vs_list():
+    built = architecture(build_model("small"), preset=None)
+    assert network_of(built) == network_of(preset_architecture("small"))
+    assert network_of(dict(MODEL_PRESETS["small"], preset="x")) == network_of(built)
+    assert network_of(built) != network_of(preset_architecture("small", width=24))
+    assert network_of(built) != network_of(preset_architecture("tiny"))

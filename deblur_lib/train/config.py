@@ -20,7 +20,13 @@ import torch
 
 from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
 from deblur_lib.metrics import WIN_SIZE
-from deblur_lib.models import MODEL_PRESETS, WeightsError, architecture, preset_architecture
+from deblur_lib.models import (
+    MODEL_PRESETS,
+    WeightsError,
+    architecture,
+    network_of,
+    preset_architecture,
+)
 from deblur_lib.predict import estimate_memory_mb
 from deblur_lib.synth import NATURAL_SHARE, SyntheticPairs
 from deblur_lib.train.faults import parse_faults
@@ -165,9 +171,8 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
         model, _ = load_model(cfg.init_from, tracking_uri=cfg.tracking_uri)
     except WeightsError as exc:
         raise ValueError(f"--init_from: {exc}") from None
-    keys = ("width", "enc_blocks", "middle_blocks", "dec_blocks")
-    have = {k: architecture(model)[k] for k in keys}
-    want = {k: preset_architecture(cfg.model_size, cfg.model_width)[k] for k in keys}
+    have = network_of(architecture(model))
+    want = network_of(preset_architecture(cfg.model_size, cfg.model_width))
     if have != want:
         raise ValueError(
             f"--init_from {cfg.init_from}: its architecture {have} is not --model_size "

@@ -114,7 +114,7 @@ def export(
         "epoch": state["epoch"],
         "steps": state["step"],
         "images_seen": state["step"] * cfg["batch_size"],
-        "wall_s": round(sum(h.get("epoch_s", 0.0) for h in history), 1),
+        "wall_s": _wall_s(history),
         "skipped_steps": history[-1]["skipped_steps"] if history else 0,
         "rollbacks": state["rollbacks"],
         "best_val_psnr_db": state["best_psnr"],
@@ -170,6 +170,11 @@ def export(
     return card
 
 
+def _wall_s(history: list[dict[str, Any]]) -> float:
+    """Seconds a run's epochs took (training and validation), from its per-epoch records."""
+    return round(sum(h.get("epoch_s", 0.0) for h in history), 1)
+
+
 def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """What ``--init_from`` started from, and its per-epoch history: for a checkpoint file its
     steps, wall time and data settings (the first stage of a two-stage recipe), else the name
@@ -181,7 +186,7 @@ def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         cfg, history = state["config"], state["history"]
         record |= {
             "steps": state["step"],
-            "wall_s": round(sum(h.get("epoch_s", 0.0) for h in history), 1),
+            "wall_s": _wall_s(history),
             "natural_share": cfg.get("natural_share", NATURAL_SHARE),
             "seed": cfg["seed"],
             "learning_rate": cfg["learning_rate"],
