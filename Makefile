@@ -36,12 +36,13 @@ lab: $(STAMP)
 # stage 1 (params/pretrain.yaml: 7,000 steps, mostly dead leaves), stage 2 (params/finetune.yaml:
 # 1,500 steps on photo crops, from stage 1's weights; interrupt either and rerun: it resumes),
 # then the export of the weights, the model card and the history, measured on the test split.
+# Each stage hands on its last.pt, never best.pt: the test split only measures, it picks nothing.
 PRETRAIN_NAME ?= deblur-guard-small
 pretrain: $(STAMP)
 	$(PY) -m deblur_lib.data synth --out data/pretrain --n_train 16 --n_test 60 --size 256 --seed 0
 	$(PY) -m deblur_lib.train --config params/pretrain.yaml --resume auto
 	$(PY) -m deblur_lib.train --config params/finetune.yaml --resume auto
-	$(PY) -m deblur_lib.train.export runs/finetune/best.pt --test_data data/pretrain/test \
+	$(PY) -m deblur_lib.train.export runs/finetune/last.pt --test_data data/pretrain/test \
 		--name $(PRETRAIN_NAME)
 
 # The README's pictures, from the MLflow store of `make demo` and the shipped weights

@@ -1,6 +1,6 @@
 """Ship a trained checkpoint: weights-only file, model card, curves (``make pretrain``'s last step).
 
-    python -m deblur_lib.train.export runs/pretrain/best.pt --test_data data/pretrain/test \\
+    python -m deblur_lib.train.export runs/finetune/last.pt --test_data data/pretrain/test \\
         [--name deblur-guard-small] [--out deblur_lib/pretrained]
 
 writes, for ``NAME``:
@@ -245,7 +245,7 @@ Reproduce: `make pretrain` (README). Load: `DeblurNet.from_pretrained("{card["na
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt)")
+    ap.add_argument("checkpoint", type=Path, help="a training checkpoint (make pretrain: last.pt)")
     ap.add_argument("--test_data", type=Path, required=True, help="a synthesize() test split")
     ap.add_argument("--name", default="deblur-guard-small", help="the shipped name")
     ap.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where to write")
