@@ -1,6 +1,6 @@
 """Benchmark: how much of the generated training data should be photo crops (issue 12, item 3).
 
-    python benchmarks/natural_share.py --start runs/pretrain/best.pt   # stage 1 of make pretrain
+    python benchmarks/natural_share.py --start runs/pretrain/last.pt   # stage 1 of make pretrain
     python benchmarks/natural_share.py --shares 0.3 0.8 --steps 300   # from the shipped weights
 
 A probe, cheaper than a run from scratch per share: for each ``--shares`` value S the
