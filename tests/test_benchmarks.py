@@ -39,7 +39,10 @@ SCRIPTS = {
     "throughput": (["--no_compile"], {"config", "variants", "default", "target"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
-    "quality": (["--set", "beta=0.5"], {"train_config", "fit", "test", "gains", "goal"}),
+    "quality": (
+        ["--set", "beta=0.5", "--keep", "{tmp}/keep"],
+        {"train_config", "fit", "test", "gains", "goal"},
+    ),
     "shared_cpu": ([], {"config", "idle_step_s", "busy_step_s", "busy_over_idle", "target"}),
     "tiling": ([], {"config", "global_pooling", "tlc", "per_image"}),
     "ensemble": ([], {"config", "ensembles"}),
@@ -123,6 +126,21 @@ def test_quality_set_overrides_reach_the_training_config(tmp_path_factory):
     result = _run("quality", tmp_path_factory)
     assert result["train_config"]["beta"] == 0.5 and result["overrides"] == ["beta=0.5"]
     assert result["test"]["n_images"] == 2 and result["fit"]["stop_reason"] == "completed"
+
+
+def test_quality_scores_the_last_checkpoint(tmp_path_factory):
+    """The model figure is last.pt's (never the epoch picked on the test split): rescoring
+    the kept last.pt on the kept test split gives the same per-image PSNR."""
+    from deblur_lib.notebook import classical
+    from deblur_lib.weights import load_model
+
+    result = _run("quality", tmp_path_factory)
+    keep = Path(result["train_config"]["test_data"]).parent.parent
+    model, _ = load_model(str(keep / "run" / "last.pt"))
+    test = classical.load_samples(keep / "data" / "test", 2)
+    per_image, _ = classical.evaluate_methods(test, {"m": classical.model_restorer(model, "cpu")})
+    expected = [round(float(v), 3) for v in per_image.psnr]
+    assert result["test"]["model"]["psnr_db_per_image"] == pytest.approx(expected, abs=2e-3)
 
 
 def test_quality_set_rejects_unknown_keys_and_reads_yaml_values():
