@@ -201,7 +201,8 @@ def load_model(
 ) -> tuple[DeblurNet, ModelInfo]:
     """A DeblurNet (eval mode) and its ``ModelInfo`` from ``spec``: ``models:/NAME/VERSION``,
     ``models:/NAME/latest``, ``models:/NAME@ALIAS``, a checkpoint file, a folder with
-    config.json + weights.pt, or a shipped name (``pretrained_dir``, default
+    config.json + weights.pt, weights ``NAME.pt`` beside their card ``NAME.json`` (what
+    ``train.export`` writes), or a shipped name (``pretrained_dir``, default
     ``deblur_lib/pretrained``). Never unpickles; raises WeightsError naming the source."""
     if not isinstance(spec, str) or not spec:
         raise WeightsError(f"model spec must be a non-empty string, got {spec!r}")
@@ -212,6 +213,11 @@ def load_model(
         weights, config = path / WEIGHTS_FILE, path / CONFIG_FILE
         return load_from_files(weights, config, source=spec, map_location=map_location)
     if path.is_file():
+        card = path.with_suffix(".json")
+        if path.suffix == ".pt" and card.is_file():  # NAME.pt beside its card: what export writes
+            return load_from_files(
+                path, card, source=spec, kind="shipped", map_location=map_location
+            )
         return _load_checkpoint(path, map_location)
     folder = Path(pretrained_dir) if pretrained_dir is not None else models.PRETRAINED_DIR
     if "/" not in spec and os.sep not in spec and (folder / f"{spec}.pt").is_file():
@@ -225,8 +231,9 @@ def load_model(
     shipped = shipped_models(folder)
     raise WeightsError(
         f"model {spec!r} not found: give models:/NAME/VERSION, models:/NAME/latest, "
-        "models:/NAME@ALIAS, a checkpoint file (best.pt/last.pt), a folder with config.json + "
-        f"weights.pt, or shipped weights ({', '.join(shipped) if shipped else 'none installed'})"
+        "models:/NAME@ALIAS, a checkpoint file (best.pt/last.pt), NAME.pt beside its NAME.json "
+        "card, a folder with config.json + weights.pt, or shipped weights "
+        f"({', '.join(shipped) if shipped else 'none installed'})"
     )
 
 
@@ -234,7 +241,10 @@ def _load_checkpoint(path: Path, map_location) -> tuple[DeblurNet, ModelInfo]:
     try:
         state = load_checkpoint(path, map_location=map_location)
     except ValueError as exc:
-        raise WeightsError(str(exc)) from None
+        hint = ""
+        if "no 'model' entry" in str(exc):  # e.g. exported weights moved without their card
+            hint = f"; weights-only files load with their card beside them ({path.stem}.json)"
+        raise WeightsError(f"{exc}{hint}") from None
     config = state.get("config")
     if not isinstance(config, Mapping) or "model_size" not in config:
         raise WeightsError(f"{path}: checkpoint has no config with 'model_size'")

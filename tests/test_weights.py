@@ -144,6 +144,23 @@ def test_shipped_lookup(tmp_path):
         load_model("other", pretrained_dir=ship)
 
 
+def test_weights_file_beside_its_card_loads_by_path(tmp_path):
+    """``--model some/dir/NAME.pt`` for exported weights moved out of the package: the card
+    beside them gives the architecture and hash; without it, the error names the missing card."""
+    model = _random_tiny()
+    w, c = models.save_weights(model, tmp_path / "tmp", train_crop_size=96, preset="tiny")
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    w.rename(copy / "mine.pt")
+    c.rename(copy / "mine.json")
+    loaded, info = load_model(str(copy / "mine.pt"))
+    assert _same_weights(model, loaded) and info.kind == "shipped"
+    assert info.train_crop_size == 96
+    (copy / "mine.json").unlink()
+    with pytest.raises(WeightsError, match=r"no 'model' entry.*card beside them \(mine\.json\)"):
+        load_model(str(copy / "mine.pt"))
+
+
 def test_pickle_payload_as_shipped_weights_is_refused(tmp_path):
     """Even with a card whose sha256 matches the payload, torch.load(weights_only) refuses."""
     marker, ship = tmp_path / "ran", tmp_path / "pretrained"

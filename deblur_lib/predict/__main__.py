@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS, a checkpoint "
-        "(best.pt/last.pt), a folder with config.json + weights.pt, or shipped weights "
+        "(best.pt/last.pt), NAME.pt beside its NAME.json card (what train.export writes), a "
+        "folder with config.json + weights.pt, or shipped weights "
         f"(default {DEFAULT_MODEL} when installed)",
     )
     ap.add_argument(
@@ -293,8 +294,8 @@ def _resolve_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.M
         if DEFAULT_MODEL not in shipped_models():
             raise UsageError(
                 "--model is required (no shipped weights installed): give models:/NAME/VERSION, "
-                "models:/NAME/latest, models:/NAME@ALIAS, a checkpoint file (best.pt/last.pt) "
-                "or a folder with config.json + weights.pt"
+                "models:/NAME/latest, models:/NAME@ALIAS, a checkpoint file (best.pt/last.pt), "
+                "NAME.pt beside its NAME.json card, or a folder with config.json + weights.pt"
             )
         spec = DEFAULT_MODEL
     try:
