@@ -30,7 +30,7 @@ from deblur_lib.data import (
 from deblur_lib.models import build_model
 from deblur_lib.synth import SyntheticPairs
 from deblur_lib.train import distributed
-from deblur_lib.train.config import SYNTHETIC, TrainConfig, initial_weights
+from deblur_lib.train.config import SYNTHETIC, TrainConfig, degradation, initial_weights
 
 
 def configure_backends(device: torch.device) -> None:
@@ -86,8 +86,9 @@ def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
     bs = cfg.batch_size // ctx.world_size
     if cfg.train_data == SYNTHETIC:  # endless: sample number epoch * per_epoch + position
         train_ds = SyntheticPairs(
-            cfg.crop_size, cfg.epoch_size, cfg.seed, natural_share=cfg.natural_share
-        )
+            cfg.crop_size, cfg.epoch_size, cfg.seed, natural_share=cfg.natural_share,
+            params=degradation(cfg.kernel_min),
+        )  # fmt: skip
         sampler = GlobalBatchSampler(cfg.epoch_size, cfg.batch_size, ctx.rank, ctx.world_size)
         keyed = FreshKeys(train_ds, sampler.steps() * cfg.batch_size)
         first_train = train_ds[0]

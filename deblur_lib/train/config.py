@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import torch
 
 from deblur_lib.data import DatasetError, PairedImageFolder, folder_problem, image_sizes
+from deblur_lib.degrade import DEFAULT_PARAMS, DegradeParams
 from deblur_lib.metrics import WIN_SIZE
 from deblur_lib.models import (
     MODEL_PRESETS,
@@ -78,6 +79,11 @@ class TrainConfig:
         NATURAL_SHARE,
         "--train_data synthetic: share in [0, 1] of generated scenes that are crops of the "
         "training photos (the rest: dead leaves)",
+    )
+    kernel_min: int = _opt(
+        DEFAULT_PARAMS.kernel_size[0],
+        "--train_data synthetic: smallest side (px, odd, >= 3) of the generated camera-shake "
+        f"PSFs; the largest is {DEFAULT_PARAMS.kernel_size[1]} (3 adds mild, nearly sharp pairs)",
     )
     model_size: str = _opt("small", "DeblurNet preset", ("tiny", "small", "base"))
     init_from: str | None = _opt(
@@ -162,6 +168,14 @@ class TrainConfig:
         _check_tracking(self)  # last: everything else is known to be fine
 
 
+def degradation(kernel_min: int = DEFAULT_PARAMS.kernel_size[0]) -> DegradeParams:
+    """The degradation of ``--train_data synthetic``: the documented defaults
+    (``degrade.DEFAULT_PARAMS``) with PSF sides from ``kernel_min`` px up."""
+    return dataclasses.replace(
+        DEFAULT_PARAMS, kernel_size=(kernel_min, DEFAULT_PARAMS.kernel_size[1])
+    )
+
+
 def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     """The state dict ``--init_from`` names (None without it), read weights-only; ValueError
     when it cannot be loaded or its architecture is not ``--model_size``/``--model_width``'s."""
@@ -201,6 +215,7 @@ RESUME_POLICY = {
     "crop_size": "same",
     "epoch_size": "same",
     "natural_share": "same",
+    "kernel_min": "same",
     "model_size": "same",
     "init_from": "same",
     "model_width": "same",
@@ -367,6 +382,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
     share = cfg.natural_share
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise ValueError(f"--natural_share must be a number in [0, 1] (got {share!r})")
+    k_min, k_max = cfg.kernel_min, DEFAULT_PARAMS.kernel_size[1]
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or not 3 <= k_min <= k_max:
+        raise ValueError(f"--kernel_min must be an odd int in [3, {k_max}] (got {k_min!r})")
+    if k_min % 2 == 0:
+        raise ValueError(f"--kernel_min must be odd: PSFs have a centre pixel (got {k_min})")
     if cfg.alpha + cfg.beta <= 0:
         raise ValueError("--alpha + --beta must be > 0 (defaults: 0.84 and 0.16)")
     for f in dataclasses.fields(cfg):
@@ -394,7 +414,10 @@ def _check_data(cfg: TrainConfig) -> None:
                 f"least {SYNTHETIC_MIN_CROP} px"
             )
         # the photos it crops must be installed and large enough (ValueError says which)
-        SyntheticPairs(cfg.crop_size, 1, cfg.seed, natural_share=cfg.natural_share)
+        SyntheticPairs(
+            cfg.crop_size, 1, cfg.seed, natural_share=cfg.natural_share,
+            params=degradation(cfg.kernel_min),
+        )  # fmt: skip
         folders = folders[1:]
     found = {}
     for flag, root in folders:

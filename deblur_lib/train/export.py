@@ -42,6 +42,7 @@ from deblur_lib.metrics import denormalize, psnr, ssim
 from deblur_lib.models import PRETRAINED_DIR, DeblurNet, save_weights
 from deblur_lib.predict import deblur
 from deblur_lib.synth import GENERATOR_VERSION, NATURAL_SHARE
+from deblur_lib.train.config import degradation
 from deblur_lib.weights import WeightsError, load_checkpoint, load_model
 
 MAX_BYTES = 2 * 2**20  # the one large file the repository holds: at most 2 MiB
@@ -50,7 +51,9 @@ PROG = "python -m deblur_lib.train.export"
 
 def test_scores(model: DeblurNet, test_data: str | Path) -> dict[str, Any]:
     """Mean and per-image PSNR (dB) / SSIM of ``model`` and of the blurred input on every pair
-    of ``test_data`` (full images, ``predict.deblur``; metric space [0, 1])."""
+    of ``test_data`` (full images, ``predict.deblur``; metric space [0, 1]), and
+    ``sharp_in_psnr``: PSNR of the model's output for the *sharp* image against that image,
+    how much it alters a photo that needs no deblurring (identity: 100 dB, the cap)."""
     pairs = PairedImageFolder(test_data)
     rows = []
     for i, name in enumerate(pairs.names):
@@ -64,6 +67,7 @@ def test_scores(model: DeblurNet, test_data: str | Path) -> dict[str, Any]:
                 "ssim": float(ssim(denormalize(restored), target)[0]),
                 "blurred_psnr": float(psnr(denormalize(blur), target)[0]),
                 "blurred_ssim": float(ssim(denormalize(blur), target)[0]),
+                "sharp_in_psnr": float(psnr(denormalize(deblur(model, sharp)), target)[0]),
             }
         )
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "name"}
@@ -130,12 +134,14 @@ def export(
         shipped_history = [dict(r, stage=1) for r in first] + [
             dict(r, stage=2, epoch=r["epoch"] + len(first)) for r in history
         ]
+    kernel_min = cfg.get("kernel_min", DEFAULT_PARAMS.kernel_size[0])  # older runs: the default
     generator = {
         "train_data": cfg["train_data"],
         "version": GENERATOR_VERSION,
         "seed": cfg["seed"],
         "natural_share": cfg.get("natural_share", NATURAL_SHARE),  # older runs: the default
-        "degradation": DEFAULT_PARAMS.to_dict(),
+        "kernel_min": kernel_min,
+        "degradation": degradation(kernel_min).to_dict(),
     }
     manifest = test_data.parent / "manifest.json"  # synthesize()'s settings of the split
     settings = json.loads(manifest.read_text())["settings"] if manifest.is_file() else None
@@ -188,11 +194,21 @@ def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "steps": state["step"],
             "wall_s": _wall_s(history),
             "natural_share": cfg.get("natural_share", NATURAL_SHARE),
+            "kernel_min": cfg.get("kernel_min", DEFAULT_PARAMS.kernel_size[0]),
             "seed": cfg["seed"],
             "learning_rate": cfg["learning_rate"],
             "init_from": cfg.get("init_from"),
         }
     return record, history
+
+
+def _sharp_row(test: dict[str, Any]) -> str:
+    if "sharp_in_psnr" not in test:  # cards exported before it was measured
+        return ""
+    return (
+        f"| sharp input | the model given the sharp images: {test['sharp_in_psnr']:.2f} dB "
+        "against them (how much it alters a photo that needs no deblurring) |\n"
+    )
 
 
 def _init_row(t: dict[str, Any]) -> str:
@@ -222,7 +238,8 @@ def model_card_markdown(card: dict[str, Any], per_image: list[dict[str, Any]]) -
 | architecture | {card["architecture"]} |
 | weights | `{card["name"]}.pt`, sha256 `{card["sha256"]}` (weights-only) |
 | training data | {g["train_data"]}: generator version {g["version"]}, seed {g["seed"]}, \
-natural-photo share {g["natural_share"]} |
+natural-photo share {g["natural_share"]}, PSF sides {g["degradation"]["kernel_size"][0]}-\
+{g["degradation"]["kernel_size"][1]} px |
 | recipe | {t["steps"]} steps of batch {cfg["batch_size"]} ({t["images_seen"]} pairs, none \
 seen twice), {cfg["crop_size"]} px crops, AdamW lr {cfg["learning_rate"]} {cfg["scheduler"]} \
 (warm-up {cfg["warmup_steps"]}), loss {cfg["alpha"]} (1 - MS-SSIM) + {cfg["beta"]} Charbonnier\
@@ -237,7 +254,7 @@ cores), torch {t["machine"]["torch"]}, {t["date"]} |
 | worst / best image gain | {best[0]["psnr"] - best[0]["blurred_psnr"]:+.2f} dB \
 ({best[0]["name"]}) / {best[-1]["psnr"] - best[-1]["blurred_psnr"]:+.2f} dB \
 ({best[-1]["name"]}) |
-
+{_sharp_row(test)}
 Degradation parameters (``deblur_lib.degrade.DegradeParams``): `{g["degradation"]}`.
 Reproduce: `make pretrain` (README). Load: `DeblurNet.from_pretrained("{card["name"]}")`.
 """

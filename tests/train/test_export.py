@@ -15,7 +15,7 @@ from deblur_lib.train import fit
 from deblur_lib.train.build import build_net
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.distributed import DistContext
-from deblur_lib.train.export import export, main
+from deblur_lib.train.export import export, main, test_scores
 from deblur_lib.weights import load_model
 
 torch.set_num_threads(2)
@@ -80,7 +80,26 @@ def test_export_writes_weights_card_and_history_that_load_back(first, tiny_data,
         assert torch.equal(model(x), original(x))
     assert card["test"]["n_images"] == 4 and "init_from" not in card["training"]
     assert len(json.loads((tmp_path / "t.history.json").read_text())) == 1
-    assert f"{card['test']['psnr']:.2f} dB" in (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text()
+    assert f"{card['test']['psnr']:.2f} dB" in md
+    assert f"sharp images: {card['test']['sharp_in_psnr']:.2f} dB" in md
+    assert card["generator"]["kernel_min"] == 7 and "PSF sides 7-31 px" in md
+
+
+class _Blur3(torch.nn.Module):
+    """A 3x3 box blur of each channel (model space in and out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def test_sharp_in_score_is_the_cap_for_identity_and_drops_for_a_blur(tiny_data):
+    same = test_scores(torch.nn.Identity(), tiny_data / "test")
+    assert same["sharp_in_psnr"] == 100.0  # PSNR's documented cap: the sharp image unchanged
+    assert same["psnr"] == pytest.approx(same["blurred_psnr"]) and same["gain_db"] == 0.0
+    blurred = test_scores(_Blur3(), tiny_data / "test")
+    assert 10.0 < blurred["sharp_in_psnr"] < 60.0  # a model that softens sharp input
+    assert [r["name"] for r in blurred["per_image"]] == [r["name"] for r in same["per_image"]]
 
 
 def test_a_second_stage_card_names_the_first(first, tiny_data, mlflow_store, tmp_path):
@@ -92,6 +111,7 @@ def test_a_second_stage_card_names_the_first(first, tiny_data, mlflow_store, tmp
     card = export(Path(result.best_checkpoint), tiny_data / "test", "t2", tmp_path / "out")
     init = card["training"]["init_from"]
     assert init["source"] == str(best) and init["steps"] == 2 and init["learning_rate"] == 1e-3
+    assert init["kernel_min"] == 7  # the first stage's PSF sides (its config's default)
     assert card["training"]["config"]["init_from"] == str(best)
     history = json.loads((tmp_path / "out" / "t2.history.json").read_text())
     assert [(r["stage"], r["epoch"]) for r in history] == [(1, 0), (2, 1)]

@@ -520,6 +520,36 @@ def test_natural_share_outside_0_1_is_a_usage_error(tiny_data, share):
         cfg.validate()
 
 
+@pytest.mark.parametrize("kernel_min", [3, 7])
+def test_generated_training_blur_follows_kernel_min(tiny_data, kernel_min):
+    cfg = TrainConfig(
+        train_data="synthetic", test_data=str(tiny_data / "test"), crop_size=64, epoch_size=8,
+        kernel_min=kernel_min,
+    )  # fmt: skip
+    cfg.validate()
+    dataset = build_loaders(cfg, DistContext(), torch.device("cpu")).train.dataset.dataset
+    assert dataset.params.kernel_size == (kernel_min, 31)
+    sides = {dataset.pair(i).kernel.shape[0] for i in range(40)}
+    assert min(sides) >= kernel_min and max(sides) <= 31  # 64 px crops cap the side at 31
+    assert (min(sides) < 7) == (kernel_min < 7)  # 40 draws: P(no side 3 or 5) = (13/15)^40
+
+
+@pytest.mark.parametrize(
+    ("kernel_min", "match"),
+    [
+        (1, r"--kernel_min must be an odd int in \[3, 31\] \(got 1\)"),
+        (33, r"--kernel_min must be an odd int in \[3, 31\] \(got 33\)"),
+        (5.0, r"--kernel_min must be an odd int in \[3, 31\] \(got 5.0\)"),
+        (4, r"--kernel_min must be odd: PSFs have a centre pixel \(got 4\)"),
+    ],
+)
+def test_kernel_min_out_of_range_is_a_usage_error(tiny_data, kernel_min, match):
+    cfg = TrainConfig(train_data="synthetic", test_data=str(tiny_data / "test"), crop_size=32,
+                      kernel_min=kernel_min)  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
 def test_configure_backends_touches_nothing_off_cuda():
     flags = ("benchmark", "allow_tf32")
     before = [getattr(torch.backends.cudnn, f) for f in flags]
