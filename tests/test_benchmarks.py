@@ -46,6 +46,7 @@ SCRIPTS = {
     "shared_cpu": ([], {"config", "idle_step_s", "busy_step_s", "busy_over_idle", "target"}),
     "tiling": ([], {"config", "global_pooling", "tlc", "per_image"}),
     "ensemble": ([], {"config", "ensembles"}),
+    "by_kernel": ([], {"config", "blurred_psnr_db", "models"}),
     "natural_share": ([], {"config", "blurred_psnr_db", "start_gain_db", "shares"}),
 }
 
