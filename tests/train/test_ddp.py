@@ -10,10 +10,11 @@ weights, its counters and history, see ``distributed.write_rank_report``).
 Tolerance: relative 1e-4 on every logged float, in float32 (``amp="off"``: ``auto`` is bf16 on
 a CPU with native bf16, whose rounding moved the mean gradient norm by 3e-4 relative). The
 runs see the same samples with the same crops in the same global batches
-(``data.GlobalBatchSampler`` + ``KeyedCrops``), so they differ only in the order of float32 sums (two half batches and a gradient all-reduce instead of
-one batch): last-bit differences that Adam carries as ~1e-6 relative after a few steps. 1e-4
-leaves margin for that and still fails on any real difference (another batch, another crop,
-a step skipped on one rank only), each of which moves the loss or PSNR by far more.
+(``data.GlobalBatchSampler`` + ``KeyedCrops``), so they differ only in the order of float32
+sums (two half batches and a gradient all-reduce instead of one batch): last-bit differences
+that Adam carries as ~1e-6 relative after a few steps. 1e-4 leaves margin for that and still
+fails on any real difference (another batch, another crop, a step skipped on one rank only),
+each of which moves the loss or PSNR by far more.
 """
 
 from __future__ import annotations
