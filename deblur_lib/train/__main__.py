@@ -98,7 +98,13 @@ def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, objec
         if (value is None and not optional) or (
             value is not None and (wrong_bool or not isinstance(value, kind))
         ):
-            parser.error(f"--config {path}: {key}: {value!r} is not a {fields[key].type}")
+            hint = (
+                f" (YAML reads on/off/yes/no unquoted as booleans: quote the word, e.g. "
+                f'{key}: "off")'
+                if wrong_bool
+                else ""
+            )
+            parser.error(f"--config {path}: {key}: {value!r} is not a {fields[key].type}{hint}")
     return values
 
 

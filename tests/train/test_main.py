@@ -322,3 +322,35 @@ def _config(tiny_data: Path, workdir: Path) -> dict:
         "device": "cpu",
         "log_model": False,
     }
+
+
+# --- --config FILE --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "gpu"])
+def test_shipped_params_files_read_as_configs(name, capsys):
+    from deblur_lib.train.__main__ import _read_config, build_parser
+
+    path = Path(__file__).resolve().parents[2] / "params" / f"{name}.yaml"
+    values = _read_config(build_parser(), path)  # a wrong field or type exits 2
+    assert values["model_size"] in ("small", "base") and capsys.readouterr().err == ""
+    if name != "gpu":  # the CPU recipe is fp32, as the shipped weights were trained
+        assert values["amp"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("amp: off\n", "amp: False is not a str (YAML reads on/off/yes/no unquoted as booleans"),
+        ("no_such_field: 1\n", "unknown field 'no_such_field'"),
+        ("batch_size: eight\n", "batch_size: 'eight' is not a int"),
+        ("- a list\n", "expected a mapping of TrainConfig fields"),
+    ],
+)
+def test_bad_config_files_are_usage_errors(workdir, text, message, capsys):
+    (workdir / "bad.yaml").write_text(text)
+    before = _snapshot(workdir)
+    assert main(["--config", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"{PROG}--config bad.yaml: " in err and message in err, err
+    assert _snapshot(workdir) == before
