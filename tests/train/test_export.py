@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from deblur_lib.models import load_from_files
+from deblur_lib.train import export as export_module  # its test_scores is not a pytest test
 from deblur_lib.train import fit
 from deblur_lib.train.build import build_net
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.distributed import DistContext
-from deblur_lib.train.export import export, main, test_scores
+from deblur_lib.train.export import export, main
 from deblur_lib.weights import load_model
 
 torch.set_num_threads(2)
@@ -94,10 +95,10 @@ class _Blur3(torch.nn.Module):
 
 
 def test_sharp_in_score_is_the_cap_for_identity_and_drops_for_a_blur(tiny_data):
-    same = test_scores(torch.nn.Identity(), tiny_data / "test")
+    same = export_module.test_scores(torch.nn.Identity(), tiny_data / "test")
     assert same["sharp_in_psnr"] == 100.0  # PSNR's documented cap: the sharp image unchanged
     assert same["psnr"] == pytest.approx(same["blurred_psnr"]) and same["gain_db"] == 0.0
-    blurred = test_scores(_Blur3(), tiny_data / "test")
+    blurred = export_module.test_scores(_Blur3(), tiny_data / "test")
     assert 10.0 < blurred["sharp_in_psnr"] < 60.0  # a model that softens sharp input
     assert [r["name"] for r in blurred["per_image"]] == [r["name"] for r in same["per_image"]]
 
