@@ -134,7 +134,7 @@ def export(
         shipped_history = [dict(r, stage=1) for r in first] + [
             dict(r, stage=2, epoch=r["epoch"] + len(first)) for r in history
         ]
-    kernel_min = cfg.get("kernel_min", DEFAULT_PARAMS.kernel_size[0])  # older runs: the default
+    kernel_min = _kernel_min(cfg)
     generator = {
         "train_data": cfg["train_data"],
         "version": GENERATOR_VERSION,
@@ -181,6 +181,11 @@ def _wall_s(history: list[dict[str, Any]]) -> float:
     return round(sum(h.get("epoch_s", 0.0) for h in history), 1)
 
 
+def _kernel_min(cfg: dict[str, Any]) -> int:
+    """A run's ``--kernel_min`` (runs from before the flag: the default, 7)."""
+    return cfg.get("kernel_min", DEFAULT_PARAMS.kernel_size[0])
+
+
 def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """What ``--init_from`` started from, and its per-epoch history: for a checkpoint file its
     steps, wall time and data settings (the first stage of a two-stage recipe), else the name
@@ -194,7 +199,7 @@ def _first_stage(spec: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "steps": state["step"],
             "wall_s": _wall_s(history),
             "natural_share": cfg.get("natural_share", NATURAL_SHARE),
-            "kernel_min": cfg.get("kernel_min", DEFAULT_PARAMS.kernel_size[0]),
+            "kernel_min": _kernel_min(cfg),
             "seed": cfg["seed"],
             "learning_rate": cfg["learning_rate"],
             "init_from": cfg.get("init_from"),
