@@ -80,6 +80,11 @@ _UNREADABLE = (
 log = logging.getLogger(__name__)
 
 
+class NotACheckpointError(ValueError):
+    """A readable file holding something other than a training checkpoint (no ``model`` entry):
+    e.g. weights exported by ``train.export`` and moved without their card."""
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 def weights_finite(model: nn.Module) -> bool:
     """True when every parameter and buffer is finite. Syncs: call at epoch boundaries only."""
@@ -123,16 +128,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``: no pickled code)
     and check its digest; returns the state without ``digest``.
 
-    Raises ValueError naming the file when it is not such a checkpoint, or when its contents
-    do not match its digest (corrupted after it was written). A ``CHECKPOINT_FORMAT`` 1 file
-    (no digest) loads with a logged warning.
+    Raises ValueError naming the file when it is not such a checkpoint (``NotACheckpointError``
+    when it reads but has no ``model`` entry), or when its contents do not match its digest
+    (corrupted after it was written). A ``CHECKPOINT_FORMAT`` 1 file (no digest) loads with a
+    logged warning.
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except _UNREADABLE as exc:
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: not a deblur-guard checkpoint (no 'model' entry)")
+        raise NotACheckpointError(f"{path}: not a deblur-guard checkpoint (no 'model' entry)")
     stored, fmt = state.pop("digest", None), state.get("format", 1)
     if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
         raise ValueError(
@@ -240,11 +246,11 @@ def load_model(
 def _load_checkpoint(path: Path, map_location) -> tuple[DeblurNet, ModelInfo]:
     try:
         state = load_checkpoint(path, map_location=map_location)
+    except NotACheckpointError as exc:
+        hint = f"weights-only files load with their card beside them ({path.stem}.json)"
+        raise WeightsError(f"{exc}; {hint}") from None
     except ValueError as exc:
-        hint = ""
-        if "no 'model' entry" in str(exc):  # e.g. exported weights moved without their card
-            hint = f"; weights-only files load with their card beside them ({path.stem}.json)"
-        raise WeightsError(f"{exc}{hint}") from None
+        raise WeightsError(str(exc)) from None
     config = state.get("config")
     if not isinstance(config, Mapping) or "model_size" not in config:
         raise WeightsError(f"{path}: checkpoint has no config with 'model_size'")

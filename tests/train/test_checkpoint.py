@@ -29,7 +29,13 @@ from deblur_lib.train.checkpoint import (
     training_state,
 )
 from deblur_lib.train.config import TrainConfig
-from deblur_lib.weights import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, state_digest
+from deblur_lib.weights import (
+    CHECKPOINT_FORMAT,
+    NotACheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    state_digest,
+)
 
 
 def _state(value: float = 1.0) -> dict:
@@ -82,7 +88,7 @@ def test_unreadable_files_raise_value_error_naming_the_file(tmp_path, data):
 
 def test_not_a_deblur_checkpoint(tmp_path):
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with pytest.raises(NotACheckpointError, match="no 'model' entry"):
         load_checkpoint(tmp_path / "other.pt")
 
 
