@@ -37,6 +37,7 @@ SCRIPTS = {
         {"config", "step_time", "ratio_vs_unguarded", "host_syncs_per_step", "target"},
     ),
     "throughput": (["--no_compile"], {"config", "variants", "default", "target"}),
+    "loop": (["--no_compile"], {"config", "variants", "fastest", "goal"}),
     "data_loading": ([], {"config", "loader", "train_step", "loader_vs_step", "target"}),
     "predict": ([], {"config", "variants", "tiled_vs_whole_time"}),
     "quality": (
@@ -162,3 +163,16 @@ def test_ensemble_reports_gain_and_cost_against_a_single_pass(tmp_path_factory):
     assert rows["1"]["gain_db"] == 0.0 and rows["1"]["time_ratio"] == 1.0
     assert rows["8"]["gain_db"] == rows["8"]["psnr_db"] - rows["1"]["psnr_db"]
     assert all(r["s_per_image"] > 0 and 0 < r["ssim"] <= 1 for r in rows.values())
+
+
+def test_loop_runs_each_speed_setting_as_the_cli_reports_it(tmp_path_factory):
+    result = _run("loop", tmp_path_factory)
+    runs = result["variants"]
+    assert set(runs) == {"previous", "default_short"}  # --no_compile: no compiled run
+    assert runs["previous"]["speedup_vs_previous"] == 1.0
+    prev = runs["previous"]["runs"][0]
+    assert prev["speed"] == "bf16 off (--amp off), channels_last off, compile off (--compile false)"
+    assert "compile off" in runs["default_short"]["runs"][0]["speed"]
+    for r in runs.values():
+        assert len(r["runs"]) == 1 and len(r["runs"][0]["epoch_s"]) == 2
+        assert r["steady_epoch_s"] == r["runs"][0]["epoch_s"][1] > 0

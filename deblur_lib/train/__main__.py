@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from deblur_lib.data import DatasetError
-from deblur_lib.train.config import TrainConfig, one_line
+from deblur_lib.train.config import SWITCH, TrainConfig, one_line, switch_value
 from deblur_lib.train.loop import Terminated, fit
 
 EXIT_OK, EXIT_USAGE, EXIT_STOPPED = 0, 2, 3
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         if " | None" in f.type:
             kind = _optional(kind)
         extra = {"nargs": "?", "const": True} if base == "bool" else {}
+        if f.metadata.get("choices") == SWITCH:  # --compile alone means true
+            kind, extra = switch_value, {"nargs": "?", "const": "true"}
         parser.add_argument(
             f"--{f.name}",
             type=kind,
@@ -94,6 +96,8 @@ def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, objec
         optional = " | None" in fields[key].type
         if kind is str and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = str(value)  # e.g. threads: 2
+        if fields[key].metadata.get("choices") == SWITCH:
+            values[key] = value = switch_value(value)  # compile: true (unquoted YAML bool)
         wrong_bool = isinstance(value, bool) and kind is not bool
         if (value is None and not optional) or (
             value is not None and (wrong_bool or not isinstance(value, kind))

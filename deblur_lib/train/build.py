@@ -53,6 +53,28 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+COMPILE_MIN_STEPS = 2_000  # a cold compile of the bf16 + channels_last training step took
+# 62 and 71 s on the AVX512-BF16 CPU and saved 0.05-0.06 s a step there (8 / 27.1 - 8 / 33.4 s,
+# benchmarks/results/throughput_avx512bf16.json): about 1,300 steps to earn it back
+
+
+def use_compile(
+    setting: str, device: torch.device, bf16: bool, channels_last: bool, steps: int
+) -> bool:
+    """``--compile``: ``true`` or ``false`` as given; ``auto`` compiles where
+    ``benchmarks/throughput.py`` measured the compiled step faster than the eager one, and only
+    for a run of at least ``COMPILE_MIN_STEPS`` training ``steps`` (short runs, tests and
+    notebooks would spend more on the compile than it saves). Measured (2026-11-30/12-01, small
+    preset, 128 px, batch 8): a CPU with AVX512-BF16 training bf16 + channels_last, 1.23-1.26x
+    the eager step (33.4 vs 27.1 images/s). Not there: fp32 channels_last on that CPU (1.00-1.02x),
+    an AVX2 CPU (0.87-0.94x), CUDA (not measured yet: ``make bench DEVICE=cuda``); bf16 in NCHW
+    was not measured compiled."""
+    if setting != "auto":
+        return setting == "true"
+    native_bf16_cpu = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return native_bf16_cpu and bf16 and channels_last and steps >= COMPILE_MIN_STEPS
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -115,11 +137,11 @@ def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
 
 
 def build_net(
-    cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device
+    cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device, compiled: bool = False
 ) -> tuple[nn.Module, nn.Module]:
     """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
-    wrapper under torchrun, else the model itself; ``torch.compile``d with ``cfg.compile``).
-    Evaluate, checkpoint and diagnose ``model``."""
+    wrapper under torchrun, else the model itself; ``torch.compile``d when ``compiled``: see
+    ``use_compile``). Evaluate, checkpoint and diagnose ``model``."""
     model = build_model(cfg.model_size, cfg.model_width)
     init = initial_weights(cfg)  # --init_from (a resumed run then loads its checkpoint)
     if init is not None:
@@ -131,7 +153,7 @@ def build_net(
     if ctx.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:  # shares model's parameters; evaluation and checkpoints use model
+    if compiled:  # shares model's parameters; evaluation and checkpoints use model
         net = torch.compile(net)
     return model, net
 

@@ -46,6 +46,26 @@ FAULT_HELP = (
 )
 
 
+SWITCH = ("auto", "true", "false")  # the choices of a setting that ``auto`` decides at run time
+
+
+def switch_value(value: object) -> object:
+    """A switch setting's canonical text: True/False and the words 1/yes/on, 0/no/off (any
+    case) become ``"true"``/``"false"``, ``"AUTO"`` becomes ``"auto"``; anything else is returned
+    as given (``validate`` then names the choices)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return "true"
+        if low in ("0", "false", "no", "off"):
+            return "false"
+        if low == "auto":
+            return "auto"
+    return value
+
+
 def _opt(default, help: str, choices: tuple | None = None):  # noqa: A002 (argparse's name)
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -102,8 +122,12 @@ class TrainConfig:
     channels_last: bool = _opt(
         True, "channels_last activations (1x1 convs as GEMMs: 1.43x a CPU step; GPU convs)"
     )
-    compile: bool = _opt(
-        False, "torch.compile the training forward (first steps compile; 0.87x on an AVX2 CPU)"
+    compile: str = _opt(
+        "auto",
+        "torch.compile the training forward (its first steps compile); auto = where "
+        "benchmarks/throughput.py measured it faster (bf16 on a CPU with AVX512-BF16/AMX: 1.26x "
+        "eager) and the run has >= 2,000 steps to earn the compile back; true, false",
+        ("auto", "true", "false"),
     )
     threads: str = _opt(
         "auto", "CPU threads: auto = one per core, fewer while other processes hold cores"
@@ -136,6 +160,11 @@ class TrainConfig:
     val_every: int = _opt(1, "validate every N epochs")
     log_every: int = _opt(10, "read device-side guard counters every N steps (a sync point)")
     max_steps_per_epoch: int | None = _opt(None, "cap on steps per epoch (smoke runs)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # compile=True (code, old checkpoints) -> "true"
+            if f.metadata.get("choices") == SWITCH:
+                setattr(self, f.name, switch_value(getattr(self, f.name)))
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict (what checkpoints store and MLflow logs as params)."""

@@ -64,6 +64,7 @@ from deblur_lib.train.build import (
     configure_backends,
     seed_all,
     use_bf16,
+    use_compile,
 )
 from deblur_lib.train.checkpoint import (
     Progress,
@@ -170,12 +171,15 @@ class Trainer:
         self.threads = ThreadPolicy(parse_threads(cfg.threads), device)  # re-checked per log
         self.bf16 = use_bf16(cfg.amp, device)
         self.loaders = build_loaders(cfg, ctx, device)
-        self.model, net = build_net(cfg, ctx, device)  # net: what the step calls (DDP, compile)
+        n_batches = len(self.loaders.train)
+        self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
+        steps = cfg.num_epochs * self.steps_per_epoch
+        self.compiled = use_compile(cfg.compile, device, self.bf16, cfg.channels_last, steps)
+        # net: what the step calls (DDP, compile)
+        self.model, net = build_net(cfg, ctx, device, self.compiled)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.final = self.ema.model if self.ema else self.model  # validated, saved as best
-        n_batches = len(self.loaders.train)
-        self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.per_step_schedule = cfg.scheduler == "cosine"
         # guards off: the seed's loss (stock MS-SSIM), its evaluation and its metric code
@@ -225,7 +229,14 @@ class Trainer:
             params = None if resumed else cfg.to_dict()  # params are logged once per run
             name = cfg.run_name or Path(cfg.out_dir).name
             p.run_id = self.tracker.start(name, params, p.run_id) or p.run_id
-            self.tracker.set_tags({"guards": cfg.guards})
+            speed = (
+                f"bf16 {'on' if self.bf16 else 'off'} (--amp {cfg.amp}), channels_last "
+                f"{'on' if cfg.channels_last else 'off'}, compile "
+                f"{'on' if self.compiled else 'off'} (--compile {cfg.compile})"
+            )
+            self.tracker.set_tags({"guards": cfg.guards, "speed": speed})
+            if self.ctx.is_main:
+                log.info("speed: %s", speed)
             if cfg.allow_test_in_train and cfg.train_data != SYNTHETIC:
                 self._warn_test_in_train()
             changed = {f"resume_changed.{k}": f"{old} -> {new}" for k, (old, new) in self.changes}

@@ -53,13 +53,18 @@ class ThreadPolicy:
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
-        """(wall s, system busy CPU s, this process's + its children's CPU s)."""
+        """(wall s, system busy CPU s, the CPU s of this process and all its descendants).
+
+        Each process's own user + system time plus that of its children that have ended
+        (``children_user``, ``children_system``): the C++ compilers ``torch.compile`` runs for a
+        few seconds each end between two checks, and counting them as other processes made a
+        compiling run drop to one thread (and recompile for it)."""
         times = psutil.cpu_times()
         busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
-        mine = sum(self._me.cpu_times()[:2])
+        mine = sum(self._me.cpu_times()[:4])
         for child in self._me.children(recursive=True):
             try:
-                mine += sum(child.cpu_times()[:2])
+                mine += sum(child.cpu_times()[:4])
             except psutil.Error:  # a worker that ended since children() listed it
                 continue
         return time.monotonic(), busy, mine

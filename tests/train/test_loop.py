@@ -22,7 +22,12 @@ from deblur_lib.data import synthesize
 from deblur_lib.models import build_model
 from deblur_lib.train import STOP_REASONS, fit
 from deblur_lib.train.__main__ import main
-from deblur_lib.train.build import build_loaders, configure_backends
+from deblur_lib.train.build import (
+    COMPILE_MIN_STEPS,
+    build_loaders,
+    configure_backends,
+    use_compile,
+)
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.distributed import DistContext
 from deblur_lib.weights import load_checkpoint
@@ -487,6 +492,37 @@ def test_guards_hold_under_compile_skip_rollback_and_resume(cfg):
 
 
 # --- what fit trains with -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "device", "native", "bf16", "steps", "expected"),
+    [
+        ("true", "cpu", False, False, 1, True),  # as given
+        ("false", "cpu", True, True, 10**6, False),
+        ("auto", "cpu", True, True, COMPILE_MIN_STEPS, True),  # measured 1.26x there
+        ("auto", "cpu", True, True, COMPILE_MIN_STEPS - 1, False),  # too short to earn it back
+        ("auto", "cpu", True, False, 10**6, False),  # fp32 there: 1.02x
+        ("auto", "cpu", False, True, 10**6, False),  # AVX2 (emulated bf16): slower compiled
+        ("auto", "cuda", True, True, 10**6, False),  # not measured on a GPU yet
+    ],
+)
+def test_compile_auto_only_where_measured_faster_and_long_enough(
+    setting, device, native, bf16, steps, expected, monkeypatch
+):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert use_compile(setting, torch.device(device), bf16, True, steps) is expected
+    if expected and setting == "auto":  # measured with channels_last only
+        assert not use_compile(setting, torch.device(device), bf16, False, steps)
+
+
+def test_the_run_says_which_speed_settings_it_chose(cfg, caplog):
+    caplog.set_level(logging.INFO, logger="deblur_lib.train")
+    result = fit(replace(cfg, max_steps_per_epoch=1, log_model=False, amp="off"))
+    assert result.ok
+    line = "speed: bf16 off (--amp off), channels_last on, compile off (--compile auto)"
+    assert line in caplog.text
+    run = MlflowClient(cfg.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["speed"] == line.removeprefix("speed: ")
+
+
 def test_build_loaders_reports_a_range_problem(tiny_data, tmp_path):
     dark = tmp_path / "dark"
     for side in ("blur", "sharp"):

@@ -120,6 +120,7 @@ CASES = [
     ("device", "tpu", "argument --device: invalid choice"),
     ("amp", "fp16", "argument --amp: invalid choice"),
     ("channels_last", "maybe", "argument --channels_last"),
+    ("compile", "maybe", "argument --compile: invalid choice: 'maybe'"),
     ("seed", "-1", "--seed must be an integer >= 0"),
     ("num_workers", "-1", "--num_workers must be an integer >= 0"),
     ("alpha", "-0.5", "--alpha must be a finite number >= 0"),
@@ -336,6 +337,28 @@ def test_shipped_params_files_read_as_configs(name, capsys):
     assert values["model_size"] in ("small", "base") and capsys.readouterr().err == ""
     if name != "gpu":  # the CPU recipe is fp32, as the shipped weights were trained
         assert values["amp"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml_text", "expected"),
+    [
+        ([], "", "auto"),
+        (["--compile"], "", "true"),
+        (["--compile", "OFF"], "", "false"),
+        (["--compile", "auto"], "compile: false\n", "auto"),  # the flag overrides the file
+        ([], "compile: true\n", "true"),  # an unquoted YAML bool
+        ([], "compile: no\n", "false"),
+    ],
+)
+def test_compile_switch_reads_auto_and_every_boolean_spelling(workdir, flags, yaml_text, expected):
+    from deblur_lib.train.__main__ import _read_config, build_parser
+
+    parser = build_parser()
+    if yaml_text:
+        (workdir / "c.yaml").write_text(yaml_text)
+        parser.set_defaults(**_read_config(parser, workdir / "c.yaml"))
+    assert parser.parse_args(flags).compile == expected
+    assert TrainConfig(compile=expected == "true").compile in ("true", "false")  # code, old ckpts
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,48 @@
+"""--threads: ThreadPolicy's parsing and its count of the CPU this run itself uses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deblur_lib.train.threads import ThreadPolicy, parse_threads
+
+SPIN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("auto", None), ("1", 1), ("3", 3)])
+def test_parse_threads(text, expected):
+    assert parse_threads(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "two", ""])
+def test_parse_threads_refuses_what_is_not_a_count(text):
+    with pytest.raises(ValueError, match="--threads must be 'auto' or an integer >= 1"):
+        parse_threads(text)
+
+
+def test_cpu_of_a_child_that_ended_counts_as_this_runs_own():
+    """A short-lived child (like the C++ compiler torch.compile runs) is this run's CPU, not
+    another process's: it must not make --threads auto give up a core."""
+    before = torch.get_num_threads()
+    try:
+        policy = ThreadPolicy(None, torch.device("cpu"))
+        _, _, mine_before = policy._sample()
+        subprocess.run([sys.executable, "-c", SPIN.format(s=0.6)], check=True)
+        _, _, mine_after = policy._sample()
+        assert mine_after - mine_before >= 0.5  # the child's 0.6 CPU s, ended and reaped
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_fixed_count_is_set_and_never_changed():
+    before = torch.get_num_threads()
+    try:
+        policy = ThreadPolicy(1, torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and not policy.adaptive
+        assert policy.check() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
