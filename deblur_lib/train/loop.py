@@ -175,6 +175,7 @@ class Trainer:
         self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
         steps = cfg.num_epochs * self.steps_per_epoch
         self.compiled = use_compile(cfg.compile, device, self.bf16, cfg.channels_last, steps)
+        self.threads.settle = 2 if self.compiled else 1  # a new thread count recompiles
         # net: what the step calls (DDP, compile)
         self.model, net = build_net(cfg, ctx, device, self.compiled)
         self.optimizer = build_optimizer(self.model, cfg, device)

@@ -43,11 +43,17 @@ class ThreadPolicy:
     other load (``threads`` None: see the module docstring). ``check()`` returns the count now
     in force; call it at the logging interval."""
 
-    def __init__(self, threads: int | None, device: torch.device) -> None:
+    def __init__(self, threads: int | None, device: torch.device, settle: int = 1) -> None:
+        """``settle``: change the count only when that many checks in a row want the same new
+        count. Under ``torch.compile`` pass 2: the compiled step is guarded on the thread
+        count, so the first step at each new count recompiles (about a minute on a 2-core CPU)
+        and one busy interval should not cost that."""
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.fixed = threads
         self.adaptive = threads is None and device.type == "cpu" and self.cores > 1
         self.current = threads or self.cores
+        self.settle = settle
+        self._wanted, self._seen = self.current, 0  # a new count, and checks in a row wanting it
         torch.set_num_threads(self.current)
         self._me = psutil.Process()
         self._last = self._sample()
@@ -80,12 +86,16 @@ class ThreadPolicy:
     def check(self) -> int:
         if not self.adaptive:
             return self.current
-        held = min(self.cores - 1, int(self.others() + 1 - BUSY_CORE))
+        others = self.others()
+        held = min(self.cores - 1, int(others + 1 - BUSY_CORE))
         wanted = max(1, self.cores - held)
-        if wanted != self.current:
+        self._seen = self._seen + 1 if wanted == self._wanted else 1
+        self._wanted = wanted
+        if wanted != self.current and self._seen >= self.settle:
             log.info(
-                "threads: %d -> %d (other processes hold %d of %d cores)",
-                self.current, wanted, held, self.cores,
+                "threads: %d -> %d (other processes hold %d of %d cores: %.2f cores' worth "
+                "of CPU since the last check)",
+                self.current, wanted, held, self.cores, others,
             )  # fmt: skip
             torch.set_num_threads(wanted)
             self.current = wanted

@@ -30,6 +30,7 @@ from deblur_lib.train.build import (
 )
 from deblur_lib.train.config import TrainConfig
 from deblur_lib.train.distributed import DistContext
+from deblur_lib.train.loop import Trainer
 from deblur_lib.weights import load_checkpoint
 
 torch.set_num_threads(2)
@@ -511,6 +512,16 @@ def test_compile_auto_only_where_measured_faster_and_long_enough(
     assert use_compile(setting, torch.device(device), bf16, True, steps) is expected
     if expected and setting == "auto":  # measured with channels_last only
         assert not use_compile(setting, torch.device(device), bf16, False, steps)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_compiled_run_changes_threads_only_after_two_busy_checks(cfg, compiled):
+    """The compiled step recompiles at each new thread count: one busy interval must not
+    cost that (ThreadPolicy's settle)."""
+    trainer = Trainer(
+        replace(cfg, compile=str(compiled).lower()), DistContext(), torch.device("cpu")
+    )
+    assert trainer.compiled is compiled and trainer.threads.settle == (2 if compiled else 1)
 
 
 def test_the_run_says_which_speed_settings_it_chose(cfg, caplog):

@@ -46,3 +46,22 @@ def test_a_fixed_count_is_set_and_never_changed():
         assert policy.check() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("settle", "changes_after"), [(1, 1), (2, 2)])
+def test_auto_gives_up_a_core_after_settle_busy_checks_in_a_row(settle, changes_after, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        policy = ThreadPolicy(None, torch.device("cpu"), settle=settle)
+        policy.cores = policy.current = 2
+        policy.adaptive = True
+        load = iter([1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # other processes' cores per check
+        monkeypatch.setattr(policy, "others", lambda: next(load))
+        counts = [policy.check() for _ in range(7)]
+        if changes_after == 1:  # every busy check takes a core away, every idle one returns it
+            assert counts == [1, 2, 1, 1, 1, 2, 2]
+        else:  # one busy interval alone changes nothing; two in a row do
+            assert counts == [2, 2, 2, 1, 1, 1, 2]
+        assert torch.get_num_threads() == counts[-1]
+    finally:
+        torch.set_num_threads(before)
