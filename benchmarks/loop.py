@@ -17,8 +17,9 @@ validation on a 60-image test split written like ``make pretrain``'s, per speed 
 Runs go one after another, the variants in turn, ``--rounds`` times, each in a fresh process
 (``TORCHINDUCTOR_CACHE_DIR`` a new empty folder per benchmark, so the first compiled run
 compiles cold and later ones hit the cache). Per run: each epoch's ``epoch_s`` from the run's
-own history (training, data generation, validation; the first epoch includes the compile), and
-the wall time of the process. ``steady_epoch_s`` is the median over rounds of the epochs after
+own history (training, data generation, validation; the first epoch includes the compile), the
+wall time of the process, and ``--threads auto``'s changes of the thread count (a compiled run
+recompiles at each new count). ``steady_epoch_s`` is the median over rounds of the epochs after
 the first; ``speedup_vs_previous`` compares those.
 """
 
@@ -68,13 +69,16 @@ def _one_run(args, tmp: Path, name: str, flags: list[str], k: int, env: dict) ->
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr[-2000:]}")
     history = load_checkpoint(out / "last.pt")["history"]
-    speed = [line for line in proc.stderr.splitlines() if line.startswith("speed: ")]
+    lines = proc.stderr.replace("\r", "\n").splitlines()  # tqdm redraws with \r
+    speed = [line for line in lines if line.startswith("speed: ")]
+    changes = [line[line.index("threads: ") :] for line in lines if "threads: " in line]
     return {
         "epoch_s": [round(h["epoch_s"], 2) for h in history],
         "threads": [h["threads"] for h in history],
         "val_psnr": round(history[-1]["val_psnr"], 3),
         "wall_s": round(wall, 1),
         "speed": speed[0].removeprefix("speed: ") if speed else None,
+        "thread_changes": changes,  # --threads auto's decisions, with the load it measured
     }
 
 
