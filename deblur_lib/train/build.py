@@ -30,7 +30,13 @@ from deblur_lib.data import (
 from deblur_lib.models import build_model
 from deblur_lib.synth import SyntheticPairs
 from deblur_lib.train import distributed
-from deblur_lib.train.config import SYNTHETIC, TrainConfig, degradation, initial_weights
+from deblur_lib.train.config import (
+    COMPILE_MIN_STEPS,
+    SYNTHETIC,
+    TrainConfig,
+    degradation,
+    initial_weights,
+)
 
 
 def configure_backends(device: torch.device) -> None:
@@ -53,22 +59,21 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-COMPILE_MIN_STEPS = 2_000  # a cold compile of the bf16 + channels_last training step took
-# 62 and 71 s on the AVX512-BF16 CPU and saved 0.05-0.06 s a step there (8 / 27.1 - 8 / 33.4 s,
-# benchmarks/results/throughput_avx512bf16.json): about 1,300 steps to earn it back
-
-
 def use_compile(
     setting: str, device: torch.device, bf16: bool, channels_last: bool, steps: int
 ) -> bool:
     """``--compile``: ``true`` or ``false`` as given; ``auto`` compiles where
-    ``benchmarks/throughput.py`` measured the compiled step faster than the eager one, and only
-    for a run of at least ``COMPILE_MIN_STEPS`` training ``steps`` (short runs, tests and
+    ``benchmarks/throughput.py`` measured the compiled step faster than the same settings
+    eager, and only for a run that plans at least ``COMPILE_MIN_STEPS`` training ``steps``
+    (``num_epochs`` x steps per epoch, also when resumed late in it; short runs, tests and
     notebooks would spend more on the compile than it saves). Measured (2026-11-30/12-01, small
-    preset, 128 px, batch 8): a CPU with AVX512-BF16 training bf16 + channels_last, 1.23-1.26x
-    the eager step (33.4 vs 27.1 images/s). Not there: fp32 channels_last on that CPU (1.00-1.02x),
-    an AVX2 CPU (0.87-0.94x), CUDA (not measured yet: ``make bench DEVICE=cuda``); bf16 in NCHW
-    was not measured compiled."""
+    preset, 128 px, batch 8): on a CPU with AVX512-BF16, bf16 + channels_last compiled ran
+    1.23-1.26x eager (33.4 vs 27.1 images/s); a cold compile took 62-71 s and saves 0.05-0.06 s
+    a step, about 1,300 steps to earn back. Not there: fp32 channels_last on that CPU
+    (1.00-1.02x), an AVX2 CPU (0.87-0.94x), CUDA (not measured: ``make bench DEVICE=cuda``);
+    bf16 in NCHW was not measured compiled. Not taken: fp32 *NCHW* compiled on the AVX512-BF16
+    CPU ran 1.14x eager channels_last (23.4 vs 20.5), which would need ``auto`` to turn
+    channels_last off too."""
     if setting != "auto":
         return setting == "true"
     native_bf16_cpu = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()

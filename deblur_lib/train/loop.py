@@ -168,14 +168,15 @@ class Trainer:
         self.last_path, self.best_path = Path(cfg.out_dir, "last.pt"), Path(cfg.out_dir, "best.pt")
         seed_all(cfg.seed)
         configure_backends(device)
-        self.threads = ThreadPolicy(parse_threads(cfg.threads), device)  # re-checked per log
         self.bf16 = use_bf16(cfg.amp, device)
         self.loaders = build_loaders(cfg, ctx, device)
         n_batches = len(self.loaders.train)
         self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
         steps = cfg.num_epochs * self.steps_per_epoch
         self.compiled = use_compile(cfg.compile, device, self.bf16, cfg.channels_last, steps)
-        self.threads.settle = 2 if self.compiled else 1  # a new thread count recompiles
+        # re-checked at every log interval; compiled, each new thread count recompiles
+        settle = 2 if self.compiled else 1
+        self.threads = ThreadPolicy(parse_threads(cfg.threads), device, settle)
         # net: what the step calls (DDP, compile)
         self.model, net = build_net(cfg, ctx, device, self.compiled)
         self.optimizer = build_optimizer(self.model, cfg, device)

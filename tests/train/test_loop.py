@@ -515,9 +515,9 @@ def test_compile_auto_only_where_measured_faster_and_long_enough(
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_compiled_run_changes_threads_only_after_two_busy_checks(cfg, compiled):
+def test_a_compiled_run_asks_its_thread_policy_for_two_checks_in_a_row(cfg, compiled):
     """The compiled step recompiles at each new thread count: one busy interval must not
-    cost that (ThreadPolicy's settle)."""
+    cost that (ThreadPolicy's settle; its behaviour: tests/train/test_threads.py)."""
     trainer = Trainer(
         replace(cfg, compile=str(compiled).lower()), DistContext(), torch.device("cpu")
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deblur_lib.train.__main__ import main
+from deblur_lib.train.__main__ import _read_config, build_parser, main
 from deblur_lib.train.config import TrainConfig
 
 PROG = "python -m deblur_lib.train: error: "
@@ -330,8 +330,6 @@ def _config(tiny_data: Path, workdir: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["pretrain", "finetune", "gpu"])
 def test_shipped_params_files_read_as_configs(name, capsys):
-    from deblur_lib.train.__main__ import _read_config, build_parser
-
     path = Path(__file__).resolve().parents[2] / "params" / f"{name}.yaml"
     values = _read_config(build_parser(), path)  # a wrong field or type exits 2
     assert values["model_size"] in ("small", "base") and capsys.readouterr().err == ""
@@ -351,14 +349,16 @@ def test_shipped_params_files_read_as_configs(name, capsys):
     ],
 )
 def test_compile_switch_reads_auto_and_every_boolean_spelling(workdir, flags, yaml_text, expected):
-    from deblur_lib.train.__main__ import _read_config, build_parser
-
     parser = build_parser()
     if yaml_text:
         (workdir / "c.yaml").write_text(yaml_text)
         parser.set_defaults(**_read_config(parser, workdir / "c.yaml"))
     assert parser.parse_args(flags).compile == expected
-    assert TrainConfig(compile=expected == "true").compile in ("true", "false")  # code, old ckpts
+
+
+def test_compile_given_as_a_bool_in_code_or_an_old_checkpoint_reads_as_the_word():
+    assert TrainConfig(compile=True).compile == "true"
+    assert TrainConfig(compile=False).compile == "false"
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from deblur_lib.train import fit
 from deblur_lib.train.__main__ import EXIT_USAGE, main
 from deblur_lib.train.build import build_optimizer, build_scheduler, cosine_warmup_factor
 from deblur_lib.train.checkpoint import Progress, training_state
-from deblur_lib.train.config import RESUME_POLICY, TrainConfig
+from deblur_lib.train.config import RESUME_POLICY, TrainConfig, resume_changes
 from deblur_lib.train.tracking import Tracker
 from deblur_lib.weights import load_checkpoint, save_checkpoint
 
@@ -327,6 +327,14 @@ def _steps(cfg: TrainConfig, run_id: str, key: str = "train_loss") -> list[int]:
 def test_every_flag_has_a_resume_policy():
     assert set(RESUME_POLICY) == {f.name for f in TrainConfig.__dataclass_fields__.values()}
     assert set(RESUME_POLICY.values()) == {"same", "apply", "free"}
+
+
+@pytest.mark.parametrize(("now", "change"), [("false", None), ("auto", ("false", "auto"))])
+def test_a_checkpoint_from_before_compile_auto_resumes_without_a_false_change(now, change):
+    """Checkpoints written before --compile auto hold compile: False (a bool)."""
+    saved = TrainConfig().to_dict() | {"compile": False}
+    changes = resume_changes(saved, TrainConfig(compile=now), epochs_done=1, where="last.pt")
+    assert changes.get("compile") == change
 
 
 @pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
