@@ -164,6 +164,18 @@ def gpu_params() -> tuple[dict[str, Any], str]:
     return dict(GPU_FALLBACK), "benchmarks/_common.py GPU_FALLBACK (params/gpu.yaml not found)"
 
 
+def run_script(
+    ap: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+) -> int:
+    """A script's whole ``main``: parse (``setup``), seed torch with 0, ``run``, ``write``; 0."""
+    args = setup(ap, argv)
+    torch.manual_seed(0)
+    write(args, run(args))
+    return 0
+
+
 def write(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Prepend the machine block, write ``args.out`` (JSON, NaN written as null) and print it."""
     full = {"benchmark": args._name, "machine": machine(args), **result}

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import _common  # first: puts the repo on sys.path when run as a script
 import numpy as np
-import torch
 
 from deblur_lib.models import DEFAULT_MODEL, build_model
 from deblur_lib.synth import synthesize
@@ -77,10 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=[DEFAULT_MODEL],
                     help="anything predict --model takes")  # fmt: skip
     ap.add_argument("--test_data", default="data/pretrain/test")
-    args = _common.setup(ap, argv)
-    torch.manual_seed(0)
-    _common.write(args, run(args))
-    return 0
+    return _common.run_script(ap, argv, run)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 
 import _common  # first: puts the repo on sys.path when run as a script
-import torch
 
 from deblur_lib.data import PairedImageFolder
 from deblur_lib.evaluate import image_metrics
@@ -78,10 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL, help="anything predict --model takes")
     ap.add_argument("--test_data", default="data/pretrain/test")
     ap.add_argument("--ensembles", type=int, nargs="+", default=[1, 2, 4, 8])
-    args = _common.setup(ap, argv)
-    torch.manual_seed(0)
-    _common.write(args, run(args))
-    return 0
+    return _common.run_script(ap, argv, run)
 
 
 if __name__ == "__main__":

@@ -175,10 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = _common.parser(__doc__.splitlines()[0], "loss_metrics")
     ap.add_argument("--iters", type=int, default=50, help="timed loss rounds (>= 50 for figures)")
     ap.add_argument("--metric_iters", type=int, default=15, help="timed metric rounds")
-    args = _common.setup(ap, argv)
-    torch.manual_seed(0)
-    _common.write(args, run(args))
-    return 0
+    return _common.run_script(ap, argv, run)
 
 
 if __name__ == "__main__":

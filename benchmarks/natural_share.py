@@ -121,10 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128, help="px")
     ap.add_argument("--test_data", default="data/pretrain/test")
-    args = _common.setup(ap, argv)
-    torch.manual_seed(0)
-    _common.write(args, run(args))
-    return 0
+    return _common.run_script(ap, argv, run)
 
 
 if __name__ == "__main__":

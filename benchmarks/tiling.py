@@ -19,7 +19,6 @@ import tempfile
 from collections.abc import Sequence
 
 import _common  # first: puts the repo on sys.path when run as a script
-import torch
 
 from deblur_lib.data import PairedImageFolder
 from deblur_lib.models import DEFAULT_MODEL, ModelInfo, build_model
@@ -71,10 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--tile_overlap", type=int, default=32)
     ap.add_argument("--tlc", type=int, default=None, help="px (default 1.5x the training crop)")
-    args = _common.setup(ap, argv)
-    torch.manual_seed(0)
-    _common.write(args, run(args))
-    return 0
+    return _common.run_script(ap, argv, run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import psutil
 import torch
 
 BUSY_CORE = 0.5  # other processes using this share of a core count as holding it
+MIN_WINDOW_S = 1.0  # a shorter window since the last sample decides nothing: /proc/stat counts
+# in 10 ms ticks, and the epoch's last check can follow the log interval's by a millisecond
 log = logging.getLogger("deblur_lib.train")
 
 
@@ -75,18 +77,23 @@ class ThreadPolicy:
                 continue
         return time.monotonic(), busy, mine
 
-    def others(self) -> float:
-        """Cores' worth of CPU that other processes used since the last call."""
+    def others(self) -> float | None:
+        """Cores' worth of CPU that other processes used since the last sample; None (and no
+        new sample) when that was less than ``MIN_WINDOW_S`` ago."""
+        if time.monotonic() - self._last[0] < MIN_WINDOW_S:
+            return None
         now = self._sample()
         wall = now[0] - self._last[0]
         used = (now[1] - self._last[1]) - (now[2] - self._last[2])
         self._last = now
-        return max(0.0, used / wall) if wall > 0 else 0.0
+        return max(0.0, used / wall)
 
     def check(self) -> int:
         if not self.adaptive:
             return self.current
         others = self.others()
+        if others is None:  # too soon after the last check to measure
+            return self.current
         held = min(self.cores - 1, int(others + 1 - BUSY_CORE))
         wanted = max(1, self.cores - held)
         self._seen = self._seen + 1 if wanted == self._wanted else 1

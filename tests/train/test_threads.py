@@ -65,3 +65,20 @@ def test_auto_gives_up_a_core_after_settle_busy_checks_in_a_row(settle, changes_
         assert torch.get_num_threads() == counts[-1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_check_right_after_another_decides_nothing(monkeypatch):
+    """The epoch's last check can follow the log interval's by a millisecond; /proc/stat
+    counts in 10 ms ticks, so one tick over that window read as several busy cores and gave
+    up a core (seen as '6.00 cores' worth of CPU' on a 2-core machine)."""
+    before = torch.get_num_threads()
+    try:
+        policy = ThreadPolicy(None, torch.device("cpu"))
+        policy.cores = policy.current = 2
+        policy.adaptive = True
+        sampled = policy._last
+        monkeypatch.setattr(policy, "_sample", lambda: pytest.fail("sampled a too-short window"))
+        assert policy.others() is None and policy.check() == 2
+        assert policy._last == sampled  # the next check measures from the older sample
+    finally:
+        torch.set_num_threads(before)
