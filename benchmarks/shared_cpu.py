@@ -70,6 +70,7 @@ def run(args) -> dict:
     step, origin = _common.train_py_step()
     h = _common.step_harness(args.preset, dev, channels_last=True)
     batch = _common.make_batch(args.batch, args.crop, dev)
+    given = torch.get_num_threads()  # --threads; the machine block reports it after the run
     torch.set_num_threads(cores)
     idle = _median_step(h, step, batch, args.steps)
     other = _start_other_process(seconds=600)
@@ -86,6 +87,7 @@ def run(args) -> dict:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(other, signal.SIGTERM)
+        torch.set_num_threads(given)
     ratios = {k: v / idle for k, v in busy.items()}
     return {
         "config": {
