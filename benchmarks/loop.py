@@ -54,11 +54,13 @@ def variants(compiled: bool = True) -> dict[str, list[str]]:
     return found
 
 
-def _one_run(args, tmp: Path, name: str, flags: list[str], k: int, env: dict) -> dict:
+def _one_run(
+    args, test_data: Path, tmp: Path, name: str, flags: list[str], k: int, env: dict
+) -> dict:
     out = tmp / f"{name}_{k}"
     cmd = [
         sys.executable, "-m", "deblur_lib.train", "--config", str(args.config),
-        "--test_data", str(args.test_data), "--num_epochs", str(args.epochs),
+        "--test_data", str(test_data), "--num_epochs", str(args.epochs),
         "--epoch_size", str(args.epoch_size), "--out_dir", str(out),
         "--tracking_uri", f"sqlite:///{tmp}/mlflow.db", "--registered_model_name", "",
         "--log_model", "false", "--system_metrics", "false", *flags, *args.extra,
@@ -90,19 +92,19 @@ def run(args) -> dict:
 def _run_in(args, tmp: Path) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
     test_data = args.test_data
-    if args.test_data is None:  # the make pretrain split (its test half: 60 photos, 256 px)
+    if test_data is None:  # the make pretrain split (its test half: 60 photos, 256 px)
         n_test, size = (2, 48) if args.quick else (60, 256)
         subprocess.run(
             [sys.executable, "-m", "deblur_lib.data", "synth", "--out", str(tmp / "data"),
              "--n_train", "1", "--n_test", str(n_test), "--size", str(size), "--seed", "0"],
             check=True, capture_output=True, cwd=_common.REPO,
         )  # fmt: skip
-        args.test_data = tmp / "data" / "test"
+        test_data = tmp / "data" / "test"
     chosen = variants(args.compile)
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for k in range(args.rounds):
         for name, flags in chosen.items():
-            runs[name].append(_one_run(args, tmp, name, flags, k, env))
+            runs[name].append(_one_run(args, test_data, tmp, name, flags, k, env))
     result: dict[str, dict] = {}
     for name, rs in runs.items():
         later = [s for r in rs for s in r["epoch_s"][1:]]
@@ -123,7 +125,7 @@ def _run_in(args, tmp: Path) -> dict:
             "epochs": args.epochs,
             "epoch_size": args.epoch_size,
             "rounds": args.rounds,
-            "test_data": str(test_data) if test_data else "a make pretrain split of its own",
+            "test_data": str(args.test_data or "a make pretrain split of its own"),
             "extra_flags": args.extra,
             "min_steps_for_compile": COMPILE_MIN_STEPS,
         },

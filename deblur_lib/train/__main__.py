@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from deblur_lib.data import DatasetError
-from deblur_lib.train.config import SWITCH, TrainConfig, one_line, switch_value
+from deblur_lib.train.config import TrainConfig, is_switch, one_line, switch_value
 from deblur_lib.train.loop import Terminated, fit
 
 EXIT_OK, EXIT_USAGE, EXIT_STOPPED = 0, 2, 3
@@ -30,12 +30,10 @@ RESUME_HINT = "MLflow run marked KILLED; last.pt holds the last finished epoch (
 
 
 def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    word = switch_value(text)  # the same words as a switch's true / false
+    if word not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return word == "true"
 
 
 def _optional(kind):
@@ -65,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         if " | None" in f.type:
             kind = _optional(kind)
         extra = {"nargs": "?", "const": True} if base == "bool" else {}
-        if f.metadata.get("choices") == SWITCH:  # --compile alone means true
+        if is_switch(f):  # --compile alone means true
             kind, extra = switch_value, {"nargs": "?", "const": "true"}
         parser.add_argument(
             f"--{f.name}",
@@ -96,7 +94,7 @@ def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, objec
         optional = " | None" in fields[key].type
         if kind is str and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = str(value)  # e.g. threads: 2
-        if fields[key].metadata.get("choices") == SWITCH:
+        if is_switch(fields[key]):
             values[key] = value = switch_value(value)  # compile: true (unquoted YAML bool)
         wrong_bool = isinstance(value, bool) and kind is not bool
         if (value is None and not optional) or (

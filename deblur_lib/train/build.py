@@ -56,6 +56,11 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return amp == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return _native_bf16_cpu(device)
+
+
+def _native_bf16_cpu(device: torch.device) -> bool:
+    """A CPU that oneDNN runs bf16 on natively (AVX512-BF16 or AMX)."""
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -76,8 +81,7 @@ def use_compile(
     channels_last off too."""
     if setting != "auto":
         return setting == "true"
-    native_bf16_cpu = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return native_bf16_cpu and bf16 and channels_last and steps >= COMPILE_MIN_STEPS
+    return _native_bf16_cpu(device) and bf16 and channels_last and steps >= COMPILE_MIN_STEPS
 
 
 def seed_all(seed: int) -> None:

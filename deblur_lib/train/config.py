@@ -50,6 +50,11 @@ SWITCH = ("auto", "true", "false")  # the choices of a setting that ``auto`` dec
 COMPILE_MIN_STEPS = 2_000  # --compile auto: the fewest planned steps that compile (build.py)
 
 
+def is_switch(f: dataclasses.Field) -> bool:
+    """A ``TrainConfig`` field whose choices are ``SWITCH`` (``compile``)."""
+    return f.metadata.get("choices") == SWITCH
+
+
 def switch_value(value: object) -> object:
     """A switch setting's canonical text: True/False and the words 1/yes/on, 0/no/off (any
     case) become ``"true"``/``"false"``, ``"AUTO"`` becomes ``"auto"``; anything else is returned
@@ -165,7 +170,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # compile=True (code, old checkpoints) -> "true"
-            if f.metadata.get("choices") == SWITCH:
+            if is_switch(f):
                 setattr(self, f.name, switch_value(getattr(self, f.name)))
 
     def to_dict(self) -> dict[str, object]:
@@ -295,7 +300,7 @@ def resume_changes(
         if policy == "free" or name not in saved:  # older checkpoints lack newer flags
             continue
         old, new = saved[name], getattr(cfg, name)
-        if _FIELDS[name].metadata.get("choices") == SWITCH:
+        if is_switch(_FIELDS[name]):
             old = switch_value(old)  # a checkpoint from before auto: compile False
         if name in _PATH_FLAGS and SYNTHETIC not in (old, new):
             same = Path(str(old)).resolve() == Path(new).resolve()
