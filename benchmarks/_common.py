@@ -326,6 +326,7 @@ def step_harness(
         scheduler=None,
         guarded=guarded,
         bf16=amp == "bf16",
+        channels_last=channels_last,
         ema=None,  # no weight average: the step alone
         last_batch=None,
         acc=torch.zeros(3, dtype=torch.float64, device=device),

@@ -44,7 +44,7 @@ def seed_style_step(h: Any, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.
     and return. Deliberately syncs: this is what the benchmark measures."""
     cfg, dev = h.cfg, h.device
     blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
-    if cfg.channels_last:
+    if h.channels_last:
         blur = blur.contiguous(memory_format=torch.channels_last)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         out = h.net(blur)

@@ -38,7 +38,13 @@ from typing import Any
 import _common  # first: puts the repo on sys.path when run as a script
 import torch
 
-from deblur_lib.train.build import COMPILE_MIN_STEPS, configure_backends, use_bf16, use_compile
+from deblur_lib.train.build import (
+    COMPILE_MIN_STEPS,
+    configure_backends,
+    use_bf16,
+    use_channels_last,
+    use_compile,
+)
 
 EAGER = {
     "fp32": ("off", False),
@@ -51,6 +57,15 @@ COMPILED = {
     "compile_channels_last": ("off", True),
     "compile_bf16_channels_last": ("bf16", True),
 }
+
+
+def _variant(bf16: bool, channels_last: bool, compiled: bool) -> str:
+    """The name of the variant above that runs these settings (``compile_bf16`` is none)."""
+    parts = ["bf16"] if bf16 else []
+    name = "_".join(parts + ["channels_last"] if channels_last else parts) or "fp32"
+    return f"compile_{name}" if compiled else name
+
+
 # what torch.compile raises when it cannot compile here (no C++ compiler, unsupported op, ...)
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
 
@@ -139,16 +154,14 @@ def run(args) -> dict:
             r["speedup_vs_fp32"] = r["images_per_s"] / fp32
     bf16_cl = results["bf16_channels_last"]["speedup_vs_fp32"]
     on_gpu = dev.type == "cuda"
-    # what fit runs by default on this device (TrainConfig: channels_last, --amp auto,
-    # --compile auto) against the previous default (fp32, NCHW): issue 12's >= 2x goal. A run
-    # of COMPILE_MIN_STEPS or more compiles where use_compile says so; shorter runs stay eager.
+    # what fit runs by default on this device (--amp, --channels_last and --compile auto)
+    # against the previous default (fp32, NCHW): issue 12's >= 2x goal. A run of
+    # COMPILE_MIN_STEPS or more compiles where use_compile says so; shorter runs stay eager.
     bf16_native = use_bf16("auto", dev)
-    short = "bf16_channels_last" if bf16_native else "channels_last"
-    long_run = (
-        f"compile_{short}"
-        if use_compile("auto", dev, bf16_native, True, COMPILE_MIN_STEPS)
-        else short
-    )
+    short = _variant(bf16_native, use_channels_last("auto", dev, bf16_native, False), False)
+    compiled = use_compile("auto", dev, bf16_native, "auto", COMPILE_MIN_STEPS)
+    cl = use_channels_last("auto", dev, bf16_native, compiled)
+    long_run = _variant(bf16_native, cl, compiled)
     if "speedup_vs_fp32" not in results.get(long_run, {}):  # --no_compile, or it failed here
         long_run = short
     speedup = results[long_run]["speedup_vs_fp32"]

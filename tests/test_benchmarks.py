@@ -171,7 +171,10 @@ def test_loop_runs_each_speed_setting_as_the_cli_reports_it(tmp_path_factory):
     assert set(runs) == {"previous", "default_short"}  # --no_compile: no compiled run
     assert runs["previous"]["speedup_vs_previous"] == 1.0
     prev = runs["previous"]["runs"][0]
-    assert prev["speed"] == "bf16 off (--amp off), channels_last off, compile off (--compile false)"
+    assert prev["speed"] == (
+        "bf16 off (--amp off), channels_last off (--channels_last false), compile off "
+        "(--compile false)"
+    )
     assert "compile off" in runs["default_short"]["runs"][0]["speed"]
     for r in runs.values():
         assert len(r["runs"]) == 1 and len(r["runs"][0]["epoch_s"]) == 2

@@ -50,8 +50,10 @@ def configure_backends(device: torch.device) -> None:
 
 def use_bf16(amp: str, device: torch.device) -> bool:
     """``--amp``: ``bf16`` or ``off`` as given; ``auto`` is bf16 where the device computes it
-    natively (CUDA with bf16 support; a CPU oneDNN runs bf16 on: AVX512 or AMX), else off.
-    Measured on this project's AVX2 CPU: emulated bf16 made a training step 0.15x as fast."""
+    natively (CUDA with bf16 support; a CPU with bf16 instructions: AVX512-BF16 or AMX), else
+    off. Measured (small preset, 128 px, batch 8): emulated bf16 made a training step 0.15x as
+    fast on an AVX2 CPU, and 0.71x on an AVX512 CPU without AVX512-BF16 (bf16 + channels_last
+    10.1 vs fp32 channels_last 14.1 images/s)."""
     if amp != "auto":
         return amp == "bf16"
     if device.type == "cuda":
@@ -60,28 +62,59 @@ def use_bf16(amp: str, device: torch.device) -> bool:
 
 
 def _native_bf16_cpu(device: torch.device) -> bool:
-    """A CPU that oneDNN runs bf16 on natively (AVX512-BF16 or AMX)."""
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """A CPU with bf16 instructions (AVX512-BF16 or AMX) that oneDNN runs bf16 on. oneDNN's
+    own check (``mkldnn._is_mkldnn_bf16_supported``) alone is not enough: it is true on any
+    AVX512 CPU, where oneDNN converts to fp32 and bf16 ran slower than fp32 (``use_bf16``)."""
+    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _avx512_cpu(device: torch.device) -> bool:
+    """A CPU with AVX512 (with or without its bf16 instructions)."""
+    return device.type == "cpu" and torch.cpu._is_avx512_supported()
 
 
 def use_compile(
-    setting: str, device: torch.device, bf16: bool, channels_last: bool, steps: int
+    setting: str, device: torch.device, bf16: bool, channels_last: str, steps: int
 ) -> bool:
     """``--compile``: ``true`` or ``false`` as given; ``auto`` compiles where
-    ``benchmarks/throughput.py`` measured the compiled step faster than the same settings
-    eager, and only for a run that plans at least ``COMPILE_MIN_STEPS`` training ``steps``
+    ``benchmarks/throughput.py`` measured the compiled step faster than the eager default,
+    and only for a run that plans at least ``COMPILE_MIN_STEPS`` training ``steps``
     (``num_epochs`` x steps per epoch, also when resumed late in it; short runs, tests and
-    notebooks would spend more on the compile than it saves). Measured (2026-11-30/12-01, small
-    preset, 128 px, batch 8): on a CPU with AVX512-BF16, bf16 + channels_last compiled ran
-    1.23-1.26x eager (33.4 vs 27.1 images/s); a cold compile took 62-71 s and saves 0.05-0.06 s
-    a step, about 1,300 steps to earn back. Not there: fp32 channels_last on that CPU
-    (1.00-1.02x), an AVX2 CPU (0.87-0.94x), CUDA (not measured: ``make bench DEVICE=cuda``);
-    bf16 in NCHW was not measured compiled. Not taken: fp32 *NCHW* compiled on the AVX512-BF16
-    CPU ran 1.14x eager channels_last (23.4 vs 20.5), which would need ``auto`` to turn
-    channels_last off too."""
+    notebooks would spend more on the compile than it saves). ``channels_last`` is the
+    ``--channels_last`` setting (``auto``, ``true``, ``false``; see ``use_channels_last``).
+
+    Measured (small preset, 128 px, batch 8; benchmarks/README.md section 2):
+
+    - CPU with AVX512-BF16, bf16 (its ``--amp auto``): compiled bf16 + channels_last ran
+      1.23-1.26x eager (33.4 vs 27.1 images/s); compiled when ``channels_last`` is not
+      ``false`` (bf16 in NCHW was not measured compiled).
+    - CPU with AVX512, fp32: compiled in NCHW ran 1.11-1.14x eager channels_last (AVX512
+      without bf16: 15.7 vs 14.1; AVX512-BF16: 23.4 vs 20.5), compiled channels_last
+      1.00-1.02x; compiled when ``channels_last`` is not ``true`` (auto then turns it off).
+    - AVX2 CPU: compiled 0.87-0.94x: eager. CUDA: not measured (``make bench DEVICE=cuda``):
+      eager.
+
+    A cold compile took 62-98 s and saves 0.05-0.06 s a step: 1,300-1,700 steps to earn back.
+    """
     if setting != "auto":
         return setting == "true"
-    return _native_bf16_cpu(device) and bf16 and channels_last and steps >= COMPILE_MIN_STEPS
+    if device.type != "cpu" or steps < COMPILE_MIN_STEPS:
+        return False
+    if bf16:
+        return _native_bf16_cpu(device) and channels_last != "false"
+    return _avx512_cpu(device) and channels_last != "true"
+
+
+def use_channels_last(setting: str, device: torch.device, bf16: bool, compiled: bool) -> bool:
+    """``--channels_last``: ``true`` or ``false`` as given; ``auto`` is on (DeblurNet's 1x1
+    convolutions run as GEMMs on channels_last input: 1.43-1.56x an eager fp32 CPU step),
+    except for a step compiled in fp32 on an AVX512 CPU, which ran faster in NCHW
+    (``use_compile``)."""
+    if setting != "auto":
+        return setting == "true"
+    return not (compiled and not bf16 and _avx512_cpu(device))
 
 
 def seed_all(seed: int) -> None:
@@ -146,17 +179,25 @@ def build_loaders(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.
 
 
 def build_net(
-    cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device, compiled: bool = False
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
+    device: torch.device,
+    compiled: bool = False,
+    channels_last: bool | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """(model, net): the raw DeblurNet on ``device`` and what the training step calls (the DDP
     wrapper under torchrun, else the model itself; ``torch.compile``d when ``compiled``: see
-    ``use_compile``). Evaluate, checkpoint and diagnose ``model``."""
+    ``use_compile``), in channels_last memory format when ``channels_last`` (None: what
+    ``use_channels_last`` decides for ``cfg``). Evaluate, checkpoint and diagnose ``model``."""
+    if channels_last is None:
+        bf16 = use_bf16(cfg.amp, device)
+        channels_last = use_channels_last(cfg.channels_last, device, bf16, compiled)
     model = build_model(cfg.model_size, cfg.model_width)
     init = initial_weights(cfg)  # --init_from (a resumed run then loads its checkpoint)
     if init is not None:
         model.load_state_dict(init)
     model = model.to(device)
-    if cfg.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if ctx.enabled:

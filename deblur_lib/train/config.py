@@ -51,7 +51,7 @@ COMPILE_MIN_STEPS = 2_000  # --compile auto: the fewest planned steps that compi
 
 
 def is_switch(f: dataclasses.Field) -> bool:
-    """A ``TrainConfig`` field whose choices are ``SWITCH`` (``compile``)."""
+    """A ``TrainConfig`` field whose choices are ``SWITCH`` (``channels_last``, ``compile``)."""
     return f.metadata.get("choices") == SWITCH
 
 
@@ -122,18 +122,23 @@ class TrainConfig:
     amp: str = _opt(
         "auto",
         "bf16 autocast for the training step; auto = bf16 where the device computes bf16 natively "
-        "(CUDA, CPUs with AVX512-BF16/AMX), else off (emulated bf16 ran 0.15x on an AVX2 CPU)",
+        "(CUDA, CPUs with AVX512-BF16/AMX), else off (emulated bf16 ran 0.15x on an AVX2 CPU, "
+        "0.71x on an AVX512 one)",
         ("auto", "off", "bf16"),
     )
-    channels_last: bool = _opt(
-        True, "channels_last activations (1x1 convs as GEMMs: 1.43x a CPU step; GPU convs)"
+    channels_last: str = _opt(
+        "auto",
+        "channels_last activations (1x1 convs as GEMMs: 1.43x an eager CPU step; GPU convs); "
+        "auto = on, except in a step compiled in fp32 on an AVX512 CPU (NCHW ran faster there); "
+        "true, false",
+        SWITCH,
     )
     compile: str = _opt(
         "auto",
         "torch.compile the training forward (its first steps compile); auto = where "
-        "benchmarks/throughput.py measured it faster than the eager default (bf16 + "
-        "channels_last on a CPU with AVX512-BF16/AMX: 1.23x) and the run plans >= "
-        f"{COMPILE_MIN_STEPS} steps to earn the compile back; true, false",
+        "benchmarks/throughput.py measured it faster than eager (CPUs with AVX512: bf16 + "
+        "channels_last where the CPU has AVX512-BF16/AMX, 1.23x; fp32 in NCHW, 1.11-1.14x) and "
+        f"the run plans >= {COMPILE_MIN_STEPS} steps to earn the compile back; true, false",
         SWITCH,
     )
     threads: str = _opt(

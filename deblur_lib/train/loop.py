@@ -64,6 +64,7 @@ from deblur_lib.train.build import (
     configure_backends,
     seed_all,
     use_bf16,
+    use_channels_last,
     use_compile,
 )
 from deblur_lib.train.checkpoint import (
@@ -174,11 +175,12 @@ class Trainer:
         self.steps_per_epoch = min(n_batches, cfg.max_steps_per_epoch or n_batches)
         steps = cfg.num_epochs * self.steps_per_epoch
         self.compiled = use_compile(cfg.compile, device, self.bf16, cfg.channels_last, steps)
+        self.channels_last = use_channels_last(cfg.channels_last, device, self.bf16, self.compiled)
         # re-checked at every log interval; compiled, each new thread count recompiles
         settle = 2 if self.compiled else 1
         self.threads = ThreadPolicy(parse_threads(cfg.threads), device, settle)
         # net: what the step calls (DDP, compile)
-        self.model, net = build_net(cfg, ctx, device, self.compiled)
+        self.model, net = build_net(cfg, ctx, device, self.compiled, self.channels_last)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.final = self.ema.model if self.ema else self.model  # validated, saved as best
@@ -233,7 +235,8 @@ class Trainer:
             p.run_id = self.tracker.start(name, params, p.run_id) or p.run_id
             speed = (
                 f"bf16 {'on' if self.bf16 else 'off'} (--amp {cfg.amp}), channels_last "
-                f"{'on' if cfg.channels_last else 'off'}, compile "
+                f"{'on' if self.channels_last else 'off'} (--channels_last {cfg.channels_last}), "
+                f"compile "
                 f"{'on' if self.compiled else 'off'} (--compile {cfg.compile})"
             )
             self.tracker.set_tags({"guards": cfg.guards, "speed": speed})
@@ -318,7 +321,7 @@ class Trainer:
     def _train_step(self, blur: torch.Tensor, sharp: torch.Tensor, acc: torch.Tensor) -> None:
         cfg, dev = self.cfg, self.device
         blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
-        if cfg.channels_last:
+        if self.channels_last:
             blur = blur.contiguous(memory_format=torch.channels_last)
         self.last_batch = blur
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):

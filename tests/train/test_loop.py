@@ -26,6 +26,8 @@ from deblur_lib.train.build import (
     COMPILE_MIN_STEPS,
     build_loaders,
     configure_backends,
+    use_bf16,
+    use_channels_last,
     use_compile,
 )
 from deblur_lib.train.config import TrainConfig
@@ -493,25 +495,96 @@ def test_guards_hold_under_compile_skip_rollback_and_resume(cfg):
 
 
 # --- what fit trains with -------------------------------------------------------------------
+CPUS = {  # what torch.cpu and oneDNN report: (AVX512, AVX512-BF16, AMX, oneDNN bf16)
+    "avx2": (False, False, False, False),
+    "avx512": (True, False, False, True),  # oneDNN says bf16, but converts: 0.71x fp32
+    "avx512_bf16": (True, True, False, True),
+    "amx": (True, True, True, True),
+}
+
+
+@pytest.fixture
+def cpu_is(monkeypatch):
+    """cpu_is(kind): make this process's CPU report the instruction sets of ``CPUS[kind]``."""
+
+    def set_cpu(kind: str) -> None:
+        avx512, avx512_bf16, amx, onednn = CPUS[kind]
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+
+    return set_cpu
+
+
 @pytest.mark.parametrize(
-    ("setting", "device", "native", "bf16", "steps", "expected"),
+    ("cpu", "expected"), [("avx2", False), ("avx512", False), ("avx512_bf16", True), ("amx", True)]
+)
+def test_amp_auto_is_bf16_only_on_a_cpu_with_bf16_instructions(cpu_is, cpu, expected):
+    cpu_is(cpu)
+    assert use_bf16("auto", torch.device("cpu")) is expected
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("off", torch.device("cpu"))
+
+
+LONG = COMPILE_MIN_STEPS
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "cpu", "bf16", "layout", "steps", "expected"),
     [
-        ("true", "cpu", False, False, 1, True),  # as given
-        ("false", "cpu", True, True, 10**6, False),
-        ("auto", "cpu", True, True, COMPILE_MIN_STEPS, True),  # measured 1.26x there
-        ("auto", "cpu", True, True, COMPILE_MIN_STEPS - 1, False),  # too short to earn it back
-        ("auto", "cpu", True, False, 10**6, False),  # fp32 there: 1.02x
-        ("auto", "cpu", False, True, 10**6, False),  # AVX2 (emulated bf16): slower compiled
-        ("auto", "cuda", True, True, 10**6, False),  # not measured on a GPU yet
+        ("true", "cpu", "avx2", False, "auto", 1, True),  # as given
+        ("false", "cpu", "avx512_bf16", True, "auto", 10**6, False),
+        ("auto", "cpu", "avx512_bf16", True, "auto", LONG, True),  # bf16 + CL: 1.23-1.26x
+        ("auto", "cpu", "avx512_bf16", True, "true", LONG, True),
+        ("auto", "cpu", "avx512_bf16", True, "false", LONG, False),  # bf16 NCHW: not measured
+        ("auto", "cpu", "avx512_bf16", True, "auto", LONG - 1, False),  # too short to earn it
+        ("auto", "cpu", "amx", True, "auto", LONG, True),
+        ("auto", "cpu", "avx512", True, "auto", LONG, False),  # forced bf16 without the ISA
+        ("auto", "cpu", "avx512", False, "auto", LONG, True),  # fp32 NCHW: 1.11x eager CL
+        ("auto", "cpu", "avx512_bf16", False, "auto", LONG, True),  # the same there: 1.14x
+        ("auto", "cpu", "avx512", False, "false", LONG, True),
+        ("auto", "cpu", "avx512", False, "true", LONG, False),  # fp32 CL compiled: 1.00-1.02x
+        ("auto", "cpu", "avx512", False, "auto", LONG - 1, False),
+        ("auto", "cpu", "avx2", False, "auto", 10**6, False),  # AVX2: 0.87-0.94x compiled
+        ("auto", "cuda", "avx512_bf16", True, "auto", 10**6, False),  # not measured on a GPU
     ],
 )
 def test_compile_auto_only_where_measured_faster_and_long_enough(
-    setting, device, native, bf16, steps, expected, monkeypatch
+    cpu_is, setting, device, cpu, bf16, layout, steps, expected
 ):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-    assert use_compile(setting, torch.device(device), bf16, True, steps) is expected
-    if expected and setting == "auto":  # measured with channels_last only
-        assert not use_compile(setting, torch.device(device), bf16, False, steps)
+    cpu_is(cpu)
+    assert use_compile(setting, torch.device(device), bf16, layout, steps) is expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpu", "bf16", "compiled", "expected"),
+    [
+        ("auto", "avx512", False, True, False),  # compiled fp32 on AVX512: NCHW
+        ("auto", "avx512_bf16", False, True, False),
+        ("auto", "avx512", False, False, True),  # eager: channels_last (1.43-1.56x)
+        ("auto", "avx512_bf16", True, True, True),  # compiled bf16: channels_last
+        ("auto", "avx2", False, True, True),  # --compile true on AVX2: CL was the faster there
+        ("true", "avx512", False, True, True),  # as given
+        ("false", "avx2", False, False, False),
+    ],
+)
+def test_channels_last_auto_is_on_but_for_a_compiled_fp32_step_on_avx512(
+    cpu_is, setting, cpu, bf16, compiled, expected
+):
+    cpu_is(cpu)
+    assert use_channels_last(setting, torch.device("cpu"), bf16, compiled) is expected
+
+
+def test_the_default_layout_follows_the_compile_decision(cfg, cpu_is):
+    """A long fp32 run on an AVX512 CPU compiles in NCHW; the same run on AVX2 stays eager
+    in channels_last (the model and the batches in the layout chosen)."""
+    long_cfg = replace(cfg, amp="off", num_epochs=COMPILE_MIN_STEPS)  # >= 1 step an epoch
+    for cpu, compiled in (("avx512", True), ("avx2", False)):
+        cpu_is(cpu)
+        trainer = Trainer(long_cfg, DistContext(), torch.device("cpu"))
+        assert trainer.compiled is compiled and trainer.channels_last is not compiled
+        weight = next(p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+        assert weight.is_contiguous(memory_format=torch.channels_last) is not compiled
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -528,7 +601,10 @@ def test_the_run_says_which_speed_settings_it_chose(cfg, caplog):
     caplog.set_level(logging.INFO, logger="deblur_lib.train")
     result = fit(replace(cfg, max_steps_per_epoch=1, log_model=False, amp="off"))
     assert result.ok
-    line = "speed: bf16 off (--amp off), channels_last on, compile off (--compile auto)"
+    line = (
+        "speed: bf16 off (--amp off), channels_last on (--channels_last auto), compile off "
+        "(--compile auto)"
+    )
     assert line in caplog.text
     run = MlflowClient(cfg.tracking_uri).get_run(result.run_id)
     assert run.data.tags["speed"] == line.removeprefix("speed: ")

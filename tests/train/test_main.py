@@ -119,7 +119,7 @@ CASES = [
     ("model_width", "0", "--model_width must be an integer >= 4"),
     ("device", "tpu", "argument --device: invalid choice"),
     ("amp", "fp16", "argument --amp: invalid choice"),
-    ("channels_last", "maybe", "argument --channels_last"),
+    ("channels_last", "maybe", "argument --channels_last: invalid choice: 'maybe'"),
     ("compile", "maybe", "argument --compile: invalid choice: 'maybe'"),
     ("seed", "-1", "--seed must be an integer >= 0"),
     ("num_workers", "-1", "--num_workers must be an integer >= 0"),
@@ -337,28 +337,32 @@ def test_shipped_params_files_read_as_configs(name, capsys):
         assert values["amp"] == "off"
 
 
+@pytest.mark.parametrize("name", ["compile", "channels_last"])
 @pytest.mark.parametrize(
     ("flags", "yaml_text", "expected"),
     [
         ([], "", "auto"),
-        (["--compile"], "", "true"),
-        (["--compile", "OFF"], "", "false"),
-        (["--compile", "auto"], "compile: false\n", "auto"),  # the flag overrides the file
-        ([], "compile: true\n", "true"),  # an unquoted YAML bool
-        ([], "compile: no\n", "false"),
+        (["--NAME"], "", "true"),
+        (["--NAME", "OFF"], "", "false"),
+        (["--NAME", "auto"], "NAME: false\n", "auto"),  # the flag overrides the file
+        ([], "NAME: true\n", "true"),  # an unquoted YAML bool
+        ([], "NAME: no\n", "false"),
     ],
 )
-def test_compile_switch_reads_auto_and_every_boolean_spelling(workdir, flags, yaml_text, expected):
+def test_switches_read_auto_and_every_boolean_spelling(workdir, name, flags, yaml_text, expected):
     parser = build_parser()
     if yaml_text:
-        (workdir / "c.yaml").write_text(yaml_text)
+        (workdir / "c.yaml").write_text(yaml_text.replace("NAME", name))
         parser.set_defaults(**_read_config(parser, workdir / "c.yaml"))
-    assert parser.parse_args(flags).compile == expected
+    args = parser.parse_args([f.replace("NAME", name) for f in flags])
+    assert getattr(args, name) == expected
 
 
-def test_compile_given_as_a_bool_in_code_or_an_old_checkpoint_reads_as_the_word():
+def test_switches_given_as_bools_in_code_or_an_old_checkpoint_read_as_the_word():
     assert TrainConfig(compile=True).compile == "true"
-    assert TrainConfig(compile=False).compile == "false"
+    assert TrainConfig(compile=False, channels_last=False).compile == "false"
+    assert TrainConfig(channels_last=True).channels_last == "true"
+    assert TrainConfig(channels_last=False).channels_last == "false"
 
 
 @pytest.mark.parametrize(

@@ -329,12 +329,20 @@ def test_every_flag_has_a_resume_policy():
     assert set(RESUME_POLICY.values()) == {"same", "apply", "free"}
 
 
-@pytest.mark.parametrize(("now", "change"), [("false", None), ("auto", ("false", "auto"))])
-def test_a_checkpoint_from_before_compile_auto_resumes_without_a_false_change(now, change):
-    """Checkpoints written before --compile auto hold compile: False (a bool)."""
-    saved = TrainConfig().to_dict() | {"compile": False}
-    changes = resume_changes(saved, TrainConfig(compile=now), epochs_done=1, where="last.pt")
-    assert changes.get("compile") == change
+@pytest.mark.parametrize(
+    ("name", "old", "now", "change"),
+    [
+        ("compile", False, "false", None),
+        ("compile", False, "auto", ("false", "auto")),
+        ("channels_last", True, "true", None),
+        ("channels_last", True, "auto", ("true", "auto")),
+    ],
+)
+def test_a_checkpoint_from_before_a_switch_resumes_without_a_false_change(name, old, now, change):
+    """Checkpoints written before ``auto`` hold compile: False, channels_last: True (bools)."""
+    saved = TrainConfig().to_dict() | {name: old}
+    cfg = TrainConfig(**{name: now})
+    assert resume_changes(saved, cfg, epochs_done=1, where="last.pt").get(name) == change
 
 
 @pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
