@@ -9,10 +9,12 @@ on the fly in the training process) for ``--epochs`` epochs of ``--epoch_size`` 
 validation on a 60-image test split written like ``make pretrain``'s, per speed setting:
 
 - ``previous``: the defaults before issue 12: fp32, NCHW, eager;
-- ``default_short``: what ``--amp auto --compile auto`` runs in a run under
-  ``COMPILE_MIN_STEPS`` steps (eager; bf16 + channels_last where the CPU computes bf16);
+- ``default_short``: what ``--amp auto --channels_last auto --compile auto`` run in a run
+  under ``COMPILE_MIN_STEPS`` steps (eager, channels_last; bf16 where the CPU has bf16
+  instructions);
 - ``default_long``: what they run in a run of ``COMPILE_MIN_STEPS`` steps or more (compiled
-  where ``build.use_compile`` says so; absent where it is the same as ``default_short``).
+  where ``build.use_compile`` says so, in the layout ``build.use_channels_last`` then picks;
+  absent where it is the same as ``default_short``).
 
 Runs go one after another, the variants in turn, ``--rounds`` times, each in a fresh process
 (``TORCHINDUCTOR_CACHE_DIR`` a new empty folder per benchmark, so the first compiled run
@@ -48,9 +50,10 @@ def variants(compiled: bool = True) -> dict[str, list[str]]:
     (``compiled`` False: no compiled variant, as ``--no_compile``)."""
     cpu = torch.device("cpu")
     bf16 = use_bf16("auto", cpu)
-    found = {"previous": PREVIOUS, "default_short": ["--amp", "auto", "--compile", "false"]}
-    if compiled and use_compile("auto", cpu, bf16, True, COMPILE_MIN_STEPS):
-        found["default_long"] = ["--amp", "auto", "--compile", "true"]
+    auto = ["--amp", "auto", "--channels_last", "auto"]  # the YAML pins make pretrain's
+    found = {"previous": PREVIOUS, "default_short": [*auto, "--compile", "false"]}
+    if compiled and use_compile("auto", cpu, bf16, "auto", COMPILE_MIN_STEPS):
+        found["default_long"] = [*auto, "--compile", "true"]  # channels_last as auto decides
     return found
 
 

@@ -66,6 +66,16 @@ def _variant(bf16: bool, channels_last: bool, compiled: bool) -> str:
     return f"compile_{name}" if compiled else name
 
 
+def default_variants(dev: torch.device) -> tuple[str, str]:
+    """The variants ``fit`` runs by default on ``dev`` (``--amp``, ``--channels_last`` and
+    ``--compile`` auto): in a run under ``COMPILE_MIN_STEPS`` steps (eager) and in a longer one
+    (compiled where ``use_compile`` says so, in the layout ``use_channels_last`` then picks)."""
+    bf16 = use_bf16("auto", dev)
+    short = _variant(bf16, use_channels_last("auto", dev, bf16, False), False)
+    compiled = use_compile("auto", dev, bf16, "auto", COMPILE_MIN_STEPS)
+    return short, _variant(bf16, use_channels_last("auto", dev, bf16, compiled), compiled)
+
+
 # what torch.compile raises when it cannot compile here (no C++ compiler, unsupported op, ...)
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
 
@@ -154,14 +164,9 @@ def run(args) -> dict:
             r["speedup_vs_fp32"] = r["images_per_s"] / fp32
     bf16_cl = results["bf16_channels_last"]["speedup_vs_fp32"]
     on_gpu = dev.type == "cuda"
-    # what fit runs by default on this device (--amp, --channels_last and --compile auto)
-    # against the previous default (fp32, NCHW): issue 12's >= 2x goal. A run of
-    # COMPILE_MIN_STEPS or more compiles where use_compile says so; shorter runs stay eager.
+    # what fit runs by default here against the previous default (fp32, NCHW): issue 12's >= 2x
     bf16_native = use_bf16("auto", dev)
-    short = _variant(bf16_native, use_channels_last("auto", dev, bf16_native, False), False)
-    compiled = use_compile("auto", dev, bf16_native, "auto", COMPILE_MIN_STEPS)
-    cl = use_channels_last("auto", dev, bf16_native, compiled)
-    long_run = _variant(bf16_native, cl, compiled)
+    short, long_run = default_variants(dev)
     if "speedup_vs_fp32" not in results.get(long_run, {}):  # --no_compile, or it failed here
         long_run = short
     speedup = results[long_run]["speedup_vs_fp32"]

@@ -3,6 +3,8 @@
 ``tiny_data``: one synthetic 64 px dataset (8 train, 4 test pairs) for the whole session.
 ``mlflow_store``: one sqlite MLflow store for the session (creating its tables costs seconds).
 ``one_thread``: torch at one intra-op thread for a module of small-tensor tests.
+``cpu_is``: make the CPU report the instruction sets of an AVX2, AVX512, AVX512-BF16 or
+AMX machine (what the speed defaults decide on).
 ``fault_matrix``: rows appended by tests/test_faults.py; ``pytest_terminal_summary`` prints
 them as a table after the run (also without ``-s``).
 """
@@ -58,3 +60,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     tr.write_line("-+-".join("-" * widths[c] for c in columns))
     for row in rows:
         tr.write_line(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+CPUS = {  # what torch.cpu reports: (AVX512, AVX512-BF16, AMX)
+    "avx2": (False, False, False),
+    "avx512": (True, False, False),  # bf16 converted to fp32 there: 0.71x an fp32 step
+    "avx512_bf16": (True, True, False),
+    "amx": (True, True, True),
+}
+
+
+@pytest.fixture
+def cpu_is(monkeypatch):
+    """cpu_is(kind): make this process's CPU report the instruction sets of ``CPUS[kind]``."""
+    import torch  # here: most test modules of the session never need it
+
+    def set_cpu(kind: str) -> None:
+        avx512, avx512_bf16, amx = CPUS[kind]
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    return set_cpu

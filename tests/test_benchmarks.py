@@ -165,6 +165,35 @@ def test_ensemble_reports_gain_and_cost_against_a_single_pass(tmp_path_factory):
     assert all(r["s_per_image"] > 0 and 0 < r["ssim"] <= 1 for r in rows.values())
 
 
+@pytest.mark.parametrize(
+    ("cpu", "long_run", "throughput_names"),
+    [
+        ("avx2", None, ("channels_last", "channels_last")),
+        ("avx512", "--channels_last auto --compile true", ("channels_last", "compile_fp32")),
+        (
+            "avx512_bf16",
+            "--channels_last auto --compile true",
+            ("bf16_channels_last", "compile_bf16_channels_last"),
+        ),
+    ],
+)
+def test_the_benchmarks_time_what_auto_decides_on_each_cpu(cpu_is, cpu, long_run, throughput_names):
+    """loop.py's runs and throughput.py's ``default`` follow build's auto rules: on an AVX512
+    CPU without bf16 instructions a long run compiles fp32 in NCHW."""
+    import loop
+    import throughput
+
+    cpu_is(cpu)
+    found = loop.variants()
+    assert "--amp auto --channels_last auto --compile false" in " ".join(found["default_short"])
+    if long_run is None:
+        assert "default_long" not in found
+    else:
+        assert " ".join(found["default_long"]).endswith(long_run)
+    assert throughput.default_variants(torch.device("cpu")) == throughput_names
+    assert set(throughput_names) <= set(throughput.EAGER) | set(throughput.COMPILED)
+
+
 def test_loop_runs_each_speed_setting_as_the_cli_reports_it(tmp_path_factory):
     result = _run("loop", tmp_path_factory)
     runs = result["variants"]

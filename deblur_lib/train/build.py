@@ -62,10 +62,10 @@ def use_bf16(amp: str, device: torch.device) -> bool:
 
 
 def _native_bf16_cpu(device: torch.device) -> bool:
-    """A CPU with bf16 instructions (AVX512-BF16 or AMX) that oneDNN runs bf16 on. oneDNN's
-    own check (``mkldnn._is_mkldnn_bf16_supported``) alone is not enough: it is true on any
-    AVX512 CPU, where oneDNN converts to fp32 and bf16 ran slower than fp32 (``use_bf16``)."""
-    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    """A CPU with bf16 instructions (AVX512-BF16 or AMX). Not oneDNN's own check
+    (``mkldnn._is_mkldnn_bf16_supported``): it is true on any AVX512 CPU, where oneDNN converts
+    to fp32 and bf16 ran slower than fp32 (``use_bf16``)."""
+    if device.type != "cpu":
         return False
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 

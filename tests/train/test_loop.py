@@ -495,28 +495,6 @@ def test_guards_hold_under_compile_skip_rollback_and_resume(cfg):
 
 
 # --- what fit trains with -------------------------------------------------------------------
-CPUS = {  # what torch.cpu and oneDNN report: (AVX512, AVX512-BF16, AMX, oneDNN bf16)
-    "avx2": (False, False, False, False),
-    "avx512": (True, False, False, True),  # oneDNN says bf16, but converts: 0.71x fp32
-    "avx512_bf16": (True, True, False, True),
-    "amx": (True, True, True, True),
-}
-
-
-@pytest.fixture
-def cpu_is(monkeypatch):
-    """cpu_is(kind): make this process's CPU report the instruction sets of ``CPUS[kind]``."""
-
-    def set_cpu(kind: str) -> None:
-        avx512, avx512_bf16, amx, onednn = CPUS[kind]
-        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
-
-    return set_cpu
-
-
 @pytest.mark.parametrize(
     ("cpu", "expected"), [("avx2", False), ("avx512", False), ("avx512_bf16", True), ("amx", True)]
 )
