@@ -214,3 +214,26 @@ def test_seed_style_passes_nan_through():
     report = evaluate_seed_style(NaNModel(), _batches(sizes=(2,)), L1(), "cpu")
     assert math.isnan(report.loss)
     assert report.psnr == 0.0 or math.isnan(report.psnr)  # the symptoms the seed logged
+
+
+class Layout(nn.Module):
+    """Records the memory format of each input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return x.clone()
+
+
+@pytest.mark.parametrize("evaluate_fn", [evaluate, evaluate_seed_style])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_changes_the_input_layout_and_nothing_else(evaluate_fn, channels_last):
+    batches = _batches((2, 2, 1))
+    model = Layout()
+    report = evaluate_fn(model, batches, L1(), "cpu", channels_last=channels_last)
+    assert model.seen == [channels_last] * 3
+    plain = evaluate_fn(Identity(), batches, L1(), "cpu")
+    assert (report.psnr, report.ssim, report.loss) == (plain.psnr, plain.ssim, plain.loss)

@@ -150,6 +150,7 @@ def evaluate_seed_style(
     device: torch.device | str,
     *,
     metrics: Callable[[Tensor, Tensor], tuple[float, float]] | None = None,
+    channels_last: bool = False,
 ) -> EvalReport:
     """The ORIGINAL evaluation, for the notebooks' "before" runs (``--guards off``).
 
@@ -157,7 +158,8 @@ def evaluate_seed_style(
     ``legacy.seed_calculate_metrics`` whose broad ``except`` turns any failure into 0.0, and
     NaN passed through as it comes. Never skips a batch, so ``n_valid == n_total``.
     ``metrics``: model-space (outputs, targets) -> (PSNR, SSIM) floats; default
-    ``seed_calculate_metrics``.
+    ``seed_calculate_metrics``. ``channels_last``: the input's memory format, as ``evaluate``'s
+    (speed only).
     """
     device = torch.device(device)
     was_training = model.training
@@ -168,6 +170,8 @@ def evaluate_seed_style(
         with torch.no_grad():
             for blur, sharp in loader:
                 blur, sharp = blur.to(device), sharp.to(device)
+                if channels_last:
+                    blur = blur.contiguous(memory_format=torch.channels_last)
                 out = model(blur)
                 total_loss += criterion(out, sharp).item()
                 try:

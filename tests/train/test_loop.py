@@ -555,14 +555,18 @@ def test_channels_last_auto_is_on_but_for_a_compiled_fp32_step_on_avx512(
 
 def test_the_default_layout_follows_the_compile_decision(cfg, cpu_is):
     """A long fp32 run on an AVX512 CPU compiles in NCHW; the same run on AVX2 stays eager
-    in channels_last (the model and the batches in the layout chosen)."""
+    in channels_last (the model and the batches in the layout chosen); validation gets
+    channels_last input in both, and NCHW only when asked for."""
     long_cfg = replace(cfg, amp="off", num_epochs=COMPILE_MIN_STEPS)  # >= 1 step an epoch
     for cpu, compiled in (("avx512", True), ("avx2", False)):
         cpu_is(cpu)
         trainer = Trainer(long_cfg, DistContext(), torch.device("cpu"))
         assert trainer.compiled is compiled and trainer.channels_last is not compiled
+        assert trainer.eval_channels_last  # validation runs eager: channels_last either way
         weight = next(p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[1] > 1)
         assert weight.is_contiguous(memory_format=torch.channels_last) is not compiled
+    nchw = Trainer(replace(long_cfg, channels_last="false"), DistContext(), torch.device("cpu"))
+    assert not nchw.channels_last and not nchw.eval_channels_last
 
 
 @pytest.mark.parametrize("compiled", [False, True])
