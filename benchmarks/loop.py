@@ -2,6 +2,7 @@
 
     python benchmarks/loop.py                 # 2 rounds of 3 runs, 2 epochs of 150 steps each
     python benchmarks/loop.py --rounds 1
+    python benchmarks/loop.py --amp off       # fp32 throughout: auto as on a CPU without bf16
 
 ``throughput.py`` times the training step alone; this runs ``python -m deblur_lib.train`` with
 ``params/pretrain.yaml``'s model and data (small preset, 128 px crops, batch 8, pairs generated
@@ -15,6 +16,10 @@ validation on a 60-image test split written like ``make pretrain``'s, per speed 
 - ``default_long``: what they run in a run of ``COMPILE_MIN_STEPS`` steps or more (compiled
   where ``build.use_compile`` says so, in the layout ``build.use_channels_last`` then picks;
   absent where it is the same as ``default_short``).
+
+``--amp off`` runs the two defaults in fp32, as ``auto`` picks layout and compile for a CPU
+without bf16 instructions: on an AVX512-BF16 machine it measures the fp32 rules of an AVX512
+CPU (eager channels_last vs compiled NCHW).
 
 Runs go one after another, the variants in turn, ``--rounds`` times, each in a fresh process
 (``TORCHINDUCTOR_CACHE_DIR`` a new empty folder per benchmark, so the first compiled run
@@ -45,12 +50,14 @@ from deblur_lib.weights import load_checkpoint
 PREVIOUS = ["--amp", "off", "--channels_last", "false", "--compile", "false"]
 
 
-def variants(compiled: bool = True) -> dict[str, list[str]]:
+def variants(compiled: bool = True, amp: str = "auto") -> dict[str, list[str]]:
     """Speed flags per variant: what ``auto`` resolves to on this machine, short and long
-    (``compiled`` False: no compiled variant, as ``--no_compile``)."""
+    (``compiled`` False: no compiled variant, as ``--no_compile``; ``amp`` ``off``: fp32)."""
+    if amp not in ("auto", "off"):
+        raise ValueError(f"amp must be 'auto' or 'off', got {amp!r}")
     cpu = torch.device("cpu")
-    bf16 = use_bf16("auto", cpu)
-    auto = ["--amp", "auto", "--channels_last", "auto"]  # the YAML pins make pretrain's
+    bf16 = use_bf16(amp, cpu)
+    auto = ["--amp", amp, "--channels_last", "auto"]  # the YAML pins make pretrain's
     found = {"previous": PREVIOUS, "default_short": [*auto, "--compile", "false"]}
     if compiled and use_compile("auto", cpu, bf16, "auto", COMPILE_MIN_STEPS):
         found["default_long"] = [*auto, "--compile", "true"]  # channels_last as auto decides
@@ -103,7 +110,7 @@ def _run_in(args, tmp: Path) -> dict:
             check=True, capture_output=True, cwd=_common.REPO,
         )  # fmt: skip
         test_data = tmp / "data" / "test"
-    chosen = variants(args.compile)
+    chosen = variants(args.compile, args.amp)
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for k in range(args.rounds):
         for name, flags in chosen.items():
@@ -130,6 +137,7 @@ def _run_in(args, tmp: Path) -> dict:
             "rounds": args.rounds,
             "test_data": str(args.test_data or "a make pretrain split of its own"),
             "extra_flags": args.extra,
+            "amp": args.amp,
             "min_steps_for_compile": COMPILE_MIN_STEPS,
         },
         "variants": result,
@@ -146,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epoch_size", type=int, default=None, help="pairs per epoch (default 1200)")
     ap.add_argument("--rounds", type=int, default=None, help="default 2")
     ap.add_argument("--no_compile", dest="compile", action="store_false", help="no compiled run")
+    ap.add_argument(
+        "--amp", choices=("auto", "off"), default="auto",
+        help="off: the defaults in fp32 (auto's layout and compile for a CPU without bf16)",
+    )  # fmt: skip
     args = _common.setup(ap, argv)
     if args.device != "cpu":
         ap.error("loop.py measures the CPU loop; on CUDA use params/gpu.yaml's run")

@@ -192,6 +192,19 @@ def test_the_benchmarks_time_what_auto_decides_on_each_cpu(cpu_is, cpu, long_run
         assert " ".join(found["default_long"]).endswith(long_run)
     assert throughput.default_variants(torch.device("cpu")) == throughput_names
     assert set(throughput_names) <= set(throughput.EAGER) | set(throughput.COMPILED)
+    fp32 = loop.variants(amp="off")  # as auto decides on a CPU of the same kind without bf16
+    assert " ".join(fp32["default_short"]) == "--amp off --channels_last auto --compile false"
+    if cpu == "avx2":
+        assert "default_long" not in fp32
+    else:
+        assert " ".join(fp32["default_long"]) == "--amp off --channels_last auto --compile true"
+
+
+def test_loop_takes_only_auto_or_off_for_amp():
+    import loop
+
+    with pytest.raises(ValueError, match="'bf16'"):
+        loop.variants(amp="bf16")
 
 
 def test_loop_runs_each_speed_setting_as_the_cli_reports_it(tmp_path_factory):
