@@ -93,6 +93,8 @@ def use_compile(
     - CPU with AVX512, fp32: compiled in NCHW ran 1.11-1.14x eager channels_last (AVX512
       without bf16: 15.7 vs 14.1; AVX512-BF16: 23.4 vs 20.5), compiled channels_last
       1.00-1.02x; compiled when ``channels_last`` is not ``true`` (auto then turns it off).
+      The whole loop (``benchmarks/loop.py --amp off``) put it within noise of eager
+      channels_last: 1.40x vs 1.28x the previous default, one round led by each.
     - AVX2 CPU: compiled 0.87-0.94x: eager. CUDA: not measured (``make bench DEVICE=cuda``):
       eager.
 
