@@ -2,7 +2,7 @@
 
     python benchmarks/loop.py                 # 2 rounds of 3 runs, 2 epochs of 150 steps each
     python benchmarks/loop.py --rounds 1
-    python benchmarks/loop.py --amp off       # fp32 throughout: auto as on a CPU without bf16
+    python benchmarks/loop.py --amp off       # fp32: eager (auto) vs compiled
 
 ``throughput.py`` times the training step alone; this runs ``python -m deblur_lib.train`` with
 ``params/pretrain.yaml``'s model and data (small preset, 128 px crops, batch 8, pairs generated
@@ -17,9 +17,10 @@ validation on a 60-image test split written like ``make pretrain``'s, per speed 
   where ``build.use_compile`` says so, in the layout ``build.use_channels_last`` then picks;
   absent where it is the same as ``default_short``).
 
-``--amp off`` runs the two defaults in fp32, as ``auto`` picks layout and compile for a CPU
-without bf16 instructions: on an AVX512-BF16 machine it measures the fp32 rules of an AVX512
-CPU (eager channels_last vs compiled NCHW).
+``--amp off`` runs in fp32: ``previous``, ``default_short`` (what ``auto`` runs in fp32:
+eager, channels_last) and ``compiled`` (``--compile true``, the layout ``auto`` picks: NCHW on
+an AVX512 CPU), to ask whether compiling an fp32 step pays in the whole loop (on an AVX512-BF16
+machine it measures the fp32 case of an AVX512 CPU without bf16 instructions).
 
 Runs go one after another, the variants in turn, ``--rounds`` times, each in a fresh process
 (``TORCHINDUCTOR_CACHE_DIR`` a new empty folder per benchmark, so the first compiled run
@@ -61,6 +62,8 @@ def variants(compiled: bool = True, amp: str = "auto") -> dict[str, list[str]]:
     found = {"previous": PREVIOUS, "default_short": [*auto, "--compile", "false"]}
     if compiled and use_compile("auto", cpu, bf16, "auto", COMPILE_MIN_STEPS):
         found["default_long"] = [*auto, "--compile", "true"]  # channels_last as auto decides
+    elif compiled and amp == "off":  # fp32: auto stays eager; would compiling pay?
+        found["compiled"] = [*auto, "--compile", "true"]
     return found
 
 
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no_compile", dest="compile", action="store_false", help="no compiled run")
     ap.add_argument(
         "--amp", choices=("auto", "off"), default="auto",
-        help="off: the defaults in fp32 (auto's layout and compile for a CPU without bf16)",
+        help="off: fp32, eager as auto runs it and compiled (--compile true)",
     )  # fmt: skip
     args = _common.setup(ap, argv)
     if args.device != "cpu":

@@ -78,42 +78,38 @@ def _avx512_cpu(device: torch.device) -> bool:
 def use_compile(
     setting: str, device: torch.device, bf16: bool, channels_last: str, steps: int
 ) -> bool:
-    """``--compile``: ``true`` or ``false`` as given; ``auto`` compiles where
-    ``benchmarks/throughput.py`` measured the compiled step faster than the eager default,
-    and only for a run that plans at least ``COMPILE_MIN_STEPS`` training ``steps``
-    (``num_epochs`` x steps per epoch, also when resumed late in it; short runs, tests and
-    notebooks would spend more on the compile than it saves). ``channels_last`` is the
-    ``--channels_last`` setting (``auto``, ``true``, ``false``; see ``use_channels_last``).
+    """``--compile``: ``true`` or ``false`` as given; ``auto`` compiles where compiling made
+    the whole training loop faster, and only for a run that plans at least
+    ``COMPILE_MIN_STEPS`` training ``steps`` (``num_epochs`` x steps per epoch, also when
+    resumed late in it; short runs, tests and notebooks would spend more on the compile than it
+    saves). ``channels_last`` is the ``--channels_last`` setting (``auto``, ``true``,
+    ``false``; see ``use_channels_last``).
 
-    Measured (small preset, 128 px, batch 8; benchmarks/README.md section 2):
+    Measured (small preset, 128 px, batch 8; benchmarks/README.md sections 2 and 2b):
 
     - CPU with AVX512-BF16, bf16 (its ``--amp auto``): compiled bf16 + channels_last ran
-      1.23-1.26x eager (33.4 vs 27.1 images/s); compiled when ``channels_last`` is not
-      ``false`` (bf16 in NCHW was not measured compiled).
-    - CPU with AVX512, fp32: compiled in NCHW ran 1.11-1.14x eager channels_last (AVX512
-      without bf16: 15.7 vs 14.1; AVX512-BF16: 23.4 vs 20.5), compiled channels_last
-      1.00-1.02x; compiled when ``channels_last`` is not ``true`` (auto then turns it off).
-      The whole loop (``benchmarks/loop.py --amp off``) put it within noise of eager
-      channels_last: 1.40x vs 1.28x the previous default, one round led by each.
+      1.23-1.26x eager (33.4 vs 27.1 images/s), the whole loop 1.77x the previous default
+      against 1.48x eager; compiled when ``channels_last`` is not ``false`` (bf16 in NCHW was
+      not measured compiled). A cold compile took 62-98 s: 1,300-1,700 steps to earn back.
+    - CPU with AVX512, fp32: the step compiled in NCHW ran 1.11-1.14x eager channels_last, but
+      not the whole loop (1.40x vs 1.28x the previous default, one round led by each) nor
+      ``make pretrain``'s stage 1 (epochs of 230-242 s compiled, 191-266 s eager, the same
+      machine kind): eager. ``--compile true`` runs it (in NCHW under ``--channels_last auto``).
     - AVX2 CPU: compiled 0.87-0.94x: eager. CUDA: not measured (``make bench DEVICE=cuda``):
       eager.
-
-    A cold compile took 62-98 s and saves 0.05-0.06 s a step: 1,300-1,700 steps to earn back.
     """
     if setting != "auto":
         return setting == "true"
     if device.type != "cpu" or steps < COMPILE_MIN_STEPS:
         return False
-    if bf16:
-        return _native_bf16_cpu(device) and channels_last != "false"
-    return _avx512_cpu(device) and channels_last != "true"
+    return bf16 and _native_bf16_cpu(device) and channels_last != "false"
 
 
 def use_channels_last(setting: str, device: torch.device, bf16: bool, compiled: bool) -> bool:
     """``--channels_last``: ``true`` or ``false`` as given; ``auto`` is on (DeblurNet's 1x1
     convolutions run as GEMMs on channels_last input: 1.43-1.56x an eager fp32 CPU step),
-    except for a step compiled in fp32 on an AVX512 CPU, which ran faster in NCHW
-    (``use_compile``)."""
+    except for a step compiled (``--compile true``) in fp32 on an AVX512 CPU, which ran faster
+    in NCHW (1.74x vs 1.58x the previous default's step without bf16 instructions)."""
     if setting != "auto":
         return setting == "true"
     return not (compiled and not bf16 and _avx512_cpu(device))
