@@ -91,10 +91,11 @@ def use_compile(
       1.23-1.26x eager (33.4 vs 27.1 images/s), the whole loop 1.77x the previous default
       against 1.48x eager; compiled when ``channels_last`` is not ``false`` (bf16 in NCHW was
       not measured compiled). A cold compile took 62-98 s: 1,300-1,700 steps to earn back.
-    - CPU with AVX512, fp32: the step compiled in NCHW ran 1.11-1.14x eager channels_last, but
-      not the whole loop (1.40x vs 1.28x the previous default, one round led by each) nor
-      ``make pretrain``'s stage 1 (epochs of 230-242 s compiled, 191-266 s eager, the same
-      machine kind): eager. ``--compile true`` runs it (in NCHW under ``--channels_last auto``).
+    - CPU with AVX512, fp32: the step compiled in NCHW ran 1.11-1.14x eager channels_last, the
+      whole loop within noise (1.40x vs 1.28x the previous default, one round led by each),
+      ``make pretrain``'s stage 1 1.06-1.07x (a cold compile included; epochs vary 20 % on
+      this VM): eager. ``--compile true`` runs it (in NCHW under ``--channels_last auto``);
+      ``make pretrain`` so reproduced the shipped test PSNR (+0.03 dB).
     - AVX2 CPU: compiled 0.87-0.94x: eager. CUDA: not measured (``make bench DEVICE=cuda``):
       eager.
     """
