@@ -192,7 +192,7 @@ def test_the_benchmarks_time_what_auto_decides_on_each_cpu(cpu_is, cpu, long_run
         assert " ".join(found["default_long"]).endswith(long_run)
     assert throughput.default_variants(torch.device("cpu")) == throughput_names
     assert set(throughput_names) <= set(throughput.EAGER) | set(throughput.COMPILED)
-    fp32 = loop.variants(amp="off")  # as auto decides on a CPU of the same kind without bf16
+    fp32 = loop.variants(amp="off")  # fp32 on any CPU: auto stays eager, compiled on request
     assert " ".join(fp32["default_short"]) == "--amp off --channels_last auto --compile false"
     assert "default_long" not in fp32  # and the question it asks: would compiling pay?
     assert " ".join(fp32["compiled"]) == "--amp off --channels_last auto --compile true"

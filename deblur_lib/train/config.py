@@ -130,8 +130,7 @@ class TrainConfig:
         "auto",
         "channels_last activations (1x1 convs as GEMMs: 1.43x an eager CPU step; GPU convs); "
         "auto = on, except in a step compiled (--compile true) in fp32 on an AVX512 CPU (NCHW "
-        "ran faster there); "
-        "true, false",
+        "ran faster there); true, false",
         SWITCH,
     )
     compile: str = _opt(
